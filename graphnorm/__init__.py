@@ -1,0 +1,34 @@
+"""graphnorm: batch-independent normalization for PyTorch by analytic moment propagation.
+
+Trace a model with torch.fx, propagate the per-channel mean and variance of the data distribution through
+its graph analytically, and (in later modules) rewrite BatchNorm into normalizers whose statistics are
+functions of the weights, not of the batch.
+"""
+
+from .errors import GraphnormError, InputStatsError, RuleError, TraceError, UnsupportedOpError
+from .moments import Moments
+from .ops import register_op
+from .propagate import MomentPropagator, MomentTable, propagate
+from .rules import RULES, moment_rule
+from .stats import InputStats
+from .trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "GraphnormError",
+    "InputStats",
+    "InputStatsError",
+    "MomentPropagator",
+    "MomentTable",
+    "Moments",
+    "RuleError",
+    "TraceError",
+    "UnsupportedOpError",
+    "__version__",
+    "moment_rule",
+    "propagate",
+    "register_op",
+    "trace",
+]

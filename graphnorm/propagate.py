@@ -1,0 +1,254 @@
+"""Moment propagation: run a traced graph on :class:`~graphnorm.Moments` instead of tensors.
+
+:class:`MomentPropagator` prepares a model once (trace, shape inference, rule look-up, the list of every op
+without a rule); :meth:`MomentPropagator.run` is the propagation pass itself, an ``fx.Interpreter`` whose
+activation values are Moments (in the style of torch.fx's ``ShapeProp``). Nodes that carry no activation
+(weights, shapes, constants) are computed as usual; ``x.size()``/``x.shape`` of an activation answer with the
+shape of the batch ``input_shape`` describes.
+
+The pass is made of torch operations on the model's parameters, so it is differentiable with respect to them,
+and in per-channel mode it costs O(number of weights), whatever the batch or image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError
+from .moments import Moments
+from .ops import canonical_call, target_name
+from .rules import RULES
+from .stats import InputStats
+from .trace import OP_KEY, trace
+
+__all__ = ["MomentPropagator", "MomentTable", "NodeInfo", "propagate"]
+
+BatchNormStats = Literal["auto", "running", "analytic"]
+
+_STATIC_METHODS = frozenset({"size", "dim", "ndimension"})
+_STATIC_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a table row describes: the node's op key, the module path it belongs to, its output shape."""
+
+    op: str | None
+    module_path: str | None
+    shape: tuple[int, ...]
+
+
+class MomentTable(Mapping[str, Moments]):
+    """Moments of every activation, keyed by node name, in graph order."""
+
+    def __init__(self, moments: dict[str, Moments], info: dict[str, NodeInfo]):
+        self._moments = moments
+        self.info = info
+
+    def __getitem__(self, name: str) -> Moments:
+        return self._moments[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._moments)
+
+    def __len__(self) -> int:
+        return len(self._moments)
+
+    def __repr__(self) -> str:
+        header = f"{'node':<28} {'op':<18} {'shape':<18} {'mean^2':>10} {'var':>10} {'std min':>9} {'std max':>9}"
+        lines = [f"MomentTable({len(self)} activations; channel averages)", header]
+        with torch.no_grad():
+            for name, moments in self._moments.items():
+                std = moments.std
+                lines.append(
+                    f"{name[:28]:<28} {str(self.info[name].op)[:18]:<18} {str(moments.shape)[:18]:<18} "
+                    f"{moments.mean.square().mean().item():>10.4g} {moments.var.mean().item():>10.4g} "
+                    f"{std.min().item():>9.4g} {std.max().item():>9.4g}"
+                )
+        return "\n".join(lines)
+
+
+def _module_path(node: fx.Node) -> str | None:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(next(reversed(stack.values()))[0])
+    return None
+
+
+def _is_static_query(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _STATIC_METHODS:
+        return True
+    return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
+            and node.args[1] in _STATIC_ATTRIBUTES)
+
+
+class MomentPropagator:
+    """A model prepared for repeated moment propagation.
+
+    Args:
+        model: an ``nn.Module`` (traced with :func:`graphnorm.trace`) or a GraphModule from it.
+        input_shape: shape of one input batch, batch dim first, e.g. ``(1, 3, 32, 32)``.
+        spatial: keep per-unit maps (exact zero padding at borders) instead of per-channel moments.
+        batch_norm: "auto" uses each BatchNorm as its mode says (running statistics in eval, the analytic
+            statistics of its own input in training or without running statistics); "running" and "analytic"
+            force one form for all.
+        dtype: the dtype of the moments (default: that of the model's parameters).
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Iterable[int], *, spatial: bool = False,
+                 batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
+                 concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None):
+        self.input_shape = tuple(int(size) for size in input_shape)
+        if len(self.input_shape) < 2 or any(size < 1 for size in self.input_shape):
+            raise GraphnormError(
+                f"input_shape {self.input_shape} must be (batch, channels, ...) with positive sizes, "
+                "e.g. (1, 3, 32, 32)")
+        if batch_norm not in ("auto", "running", "analytic"):
+            raise GraphnormError(f"batch_norm must be 'auto', 'running' or 'analytic', got {batch_norm!r}")
+        self.spatial = spatial
+        self.batch_norm = batch_norm
+        self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        parameter = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
+        self.dtype = dtype or (parameter.dtype if parameter is not None else torch.get_default_dtype())
+        self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype)
+        self.random_nodes = self._find_random_nodes()
+        self._check_rules()
+        self.info = {
+            node.name: NodeInfo(node.meta.get(OP_KEY), _module_path(node), self.shapes.get(node.name, ()))
+            for node in self.graph_module.graph.nodes if node.name in self.random_nodes or node.op == "output"
+        }
+
+    def _find_random_nodes(self) -> set[str]:
+        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise GraphnormError("the traced model has no input")
+        random = {placeholders[0].name}
+        for node in self.graph_module.graph.nodes:
+            is_call = node.op in ("call_module", "call_function", "call_method")
+            if is_call and not _is_static_query(node) and any(arg.name in random for arg in node.all_input_nodes):
+                random.add(node.name)
+        return random
+
+    def _check_rules(self) -> None:
+        missing = []
+        for node in self.graph_module.graph.nodes:
+            if node.name in self.random_nodes and node.op != "placeholder":
+                key = node.meta.get(OP_KEY)
+                if key is None or key not in RULES:
+                    missing.append(UnsupportedOp(node.name, key or "unregistered",
+                                                 target_name(node, self.graph_module), _module_path(node)))
+        if missing:
+            raise UnsupportedOpError(missing)
+
+    def run(self, stats: InputStats) -> MomentTable:
+        """One propagation pass from ``stats`` through the current parameters."""
+        stats.validate_for(self.input_shape)
+        interpreter = _MomentInterpreter(self)
+        inputs = Moments.per_channel(stats.mean.to(self.dtype), stats.var.to(self.dtype), self.input_shape[1:])
+        if self.spatial and len(self.input_shape) > 2:
+            inputs = Moments.per_unit(inputs.unit_mean, inputs.unit_var)
+        interpreter.run(inputs)
+        return MomentTable(interpreter.moments, self.info)
+
+
+def propagate(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *, spatial: bool = False,
+              batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
+              concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> MomentTable:
+    """Per-channel (or per-unit, ``spatial=True``) mean and variance of every activation of ``model`` when its
+    input has the per-channel statistics ``stats``. See :class:`MomentPropagator` for the arguments."""
+    propagator = MomentPropagator(model, input_shape, spatial=spatial, batch_norm=batch_norm,
+                                  leaf_modules=leaf_modules, concrete_args=concrete_args, dtype=dtype)
+    return propagator.run(stats)
+
+
+def _infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype
+                  ) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every tensor-valued node, by fake-tensor shape propagation (no compute,
+    the model untouched). The batch is at least 2 so training-mode BatchNorm accepts it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = max(2, input_shape[0])
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    sample = fake_mode.from_tensor(torch.empty((batch, *input_shape[1:]), dtype=dtype))
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module, fake_mode=fake_mode).propagate(sample, *([None] * (len(placeholders) - 1)))
+    except Exception as err:
+        raise GraphnormError(
+            f"the model does not run on an input of shape {input_shape}: {str(err).splitlines()[0]}; "
+            "check input_shape (batch, channels, ...)") from err
+    shapes = {}
+    for node in graph_module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            shapes[node.name] = tuple(meta.shape[1:])
+    return shapes
+
+
+class _MomentInterpreter(fx.Interpreter):
+    def __init__(self, propagator: MomentPropagator):
+        super().__init__(propagator.graph_module, garbage_collect_values=False)
+        self.propagator = propagator
+        self.moments: dict[str, Moments] = {}
+        self._placeholders_seen = 0
+
+    def _batch_shape(self, moments: Moments) -> torch.Size:
+        return torch.Size((self.propagator.input_shape[0], *moments.shape))
+
+    def placeholder(self, target, args, kwargs):
+        self._placeholders_seen += 1
+        if self._placeholders_seen == 1:
+            return super().placeholder(target, args, kwargs)
+        if args:
+            return args[0]
+        raise RuleError(f"the model's extra input '{target}' has no default; fix it with concrete_args")
+
+    def call_method(self, target, args, kwargs):
+        if isinstance(args[0], Moments) and target in _STATIC_METHODS:
+            shape = self._batch_shape(args[0])
+            if target == "size":
+                return shape if not args[1:] and "dim" not in kwargs else shape[args[1] if args[1:] else kwargs["dim"]]
+            return len(shape)
+        return super().call_method(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if target is getattr and isinstance(args[0], Moments):
+            shape = self._batch_shape(args[0])
+            return {"shape": shape, "ndim": len(shape), "dtype": self.propagator.dtype,
+                    "device": args[0].loc.device}[args[1]]
+        return super().call_function(target, args, kwargs)
+
+    def run_node(self, node: fx.Node) -> Any:
+        propagator = self.propagator
+        if node.name not in propagator.random_nodes or node.op == "placeholder":
+            value = super().run_node(node)
+            if isinstance(value, Moments):
+                self.moments[node.name] = value
+            if node.op == "output" and isinstance(value, Moments):
+                self.moments[node.name] = value
+            return value
+        with self._set_current_node(node):
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            try:
+                key, inputs, params = canonical_call(node, self.module, args, kwargs)
+                if key == "batch_norm" and propagator.batch_norm != "auto":
+                    params["training"] = propagator.batch_norm == "analytic"
+                result = RULES[key](*inputs, out_shape=propagator.shapes[node.name], **params)
+            except (RuleError, NotImplementedError, TypeError, ValueError) as err:
+                raise RuleError(f"moment rule '{node.meta.get(OP_KEY)}' failed at node '{node.name}' "
+                                f"({target_name(node, self.module)}): {err}") from err
+        if not propagator.spatial:
+            result = result.to_channels()
+        self.moments[node.name] = result
+        return result
+

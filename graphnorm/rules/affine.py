@@ -1,0 +1,164 @@
+"""Moment rules of affine maps: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm (eval and batch form).
+
+Assumption (AP2, Shekhovtsov & Flach 2018): the inputs summed by one output unit are independent, so the
+variance of the sum is the sum of the variances: ``mean = W m + b``, ``var = (W * W) v``.
+
+Per-channel mode (inputs ``[C]``): a conv output channel sums every tap of every input channel of its group,
+so only the kernel summed over space matters; zero padding at the borders is ignored (exact for interior
+positions). One pass is a GEMV with ``W`` and one with ``W * W``: O(number of weights).
+Per-unit mode (maps ``[C, *S]``): the real convolution of the mean map with ``W`` and of the variance map with
+``W * W``, so borders are exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from ..moments import Moments
+from . import moment_rule
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _channel_vector(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel parameters ``[C]`` broadcast against ``like`` (``[C]`` or ``[C, *S]``)."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@moment_rule("linear")
+def linear(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, **_) -> Moments:
+    """``y = W x + b`` over the last dim: mean ``W m + b``, var ``(W*W) v`` (independent inputs; AP2).
+
+    Feature vectors ``[F]`` are exact per unit; on ``[C, ..., F]`` inputs the rule works on unit maps."""
+    mean = F.linear(x.unit_mean, weight, bias)
+    var = F.linear(x.unit_var, weight * weight)
+    if len(x.shape) == 1:
+        return Moments.per_channel(mean, var, (weight.shape[0],))
+    return Moments.per_unit(mean, var)
+
+
+def _padding_for_unit_maps(x: torch.Tensor, padding, padding_mode: str, dims: int):
+    """Pad maps explicitly for non-zero padding modes; return (maps-transform, conv padding)."""
+    if padding_mode == "zeros" or isinstance(padding, str):
+        return x, padding
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,) * dims
+    flat = [p for size in reversed(pads) for p in (size, size)]
+    return F.pad(x, flat, mode=padding_mode), 0
+
+
+@moment_rule("conv")
+def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+         dilation=1, groups: int = 1, padding_mode: str = "zeros", out_shape: tuple[int, ...], **_) -> Moments:
+    """Convolution (any dims, groups, depthwise): ``mean_o = sum_{c in group(o), k} W[o,c,k] m_c + b_o``,
+    ``var_o = sum W[o,c,k]^2 v_c`` per channel; real convolutions of the maps per unit.
+
+    Assumes independent inputs (AP2). Per-channel mode ignores border effects of padding; per-unit mode is
+    exact for zero padding and treats reflected/replicated border copies as independent (an approximation).
+    """
+    dims = weight.dim() - 2
+    square = weight * weight
+    if x.is_per_unit:
+        conv_fn = _CONV[dims]
+        mean_in, conv_padding = _padding_for_unit_maps(x.loc.unsqueeze(0), padding, padding_mode, dims)
+        var_in, _ = _padding_for_unit_maps(x.spread.unsqueeze(0), padding, padding_mode, dims)
+        mean = conv_fn(mean_in, weight, bias, stride, conv_padding, dilation, groups)[0]
+        var = conv_fn(var_in, square, None, stride, conv_padding, dilation, groups)[0]
+        return Moments.per_unit(mean, var)
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    taps = weight[0, 0].numel()
+    # [g, O/g, C/g * taps] @ [g, C/g * taps, 1]: inputs repeated over taps, so no reduction over kernel dims.
+    kernel = weight.reshape(groups, out_channels // groups, in_per_group * taps)
+    kernel_sq = square.reshape(groups, out_channels // groups, in_per_group * taps)
+
+    def repeat_over_taps(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(groups, in_per_group, 1).expand(groups, in_per_group, taps).reshape(
+            groups, in_per_group * taps, 1)
+
+    mean = torch.bmm(kernel, repeat_over_taps(x.loc)).reshape(out_channels)
+    var = torch.bmm(kernel_sq, repeat_over_taps(x.spread)).reshape(out_channels)
+    if bias is not None:
+        mean = mean + bias
+    return Moments.per_channel(mean, var, tuple(out_shape))
+
+
+@moment_rule("conv_transpose")
+def conv_transpose(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                   output_padding=0, dilation=1, groups: int = 1, out_shape: tuple[int, ...], **_) -> Moments:
+    """Transposed convolution. Output ``o = i*stride + k*dilation - padding`` sums the taps ``k`` whose
+    ``k*dilation - padding`` falls in the phase ``o mod stride``, so output positions fall into
+    ``prod(stride)`` phase classes with different tap subsets.
+
+    Per channel: each class gets the AP2 sum over its taps, and the channel moments are the equal-weight
+    mixture of the classes (exact in the interior, independent inputs). Per unit: real transposed
+    convolutions of the maps with ``W`` and ``W*W``.
+    """
+    dims = weight.dim() - 2
+    square = weight * weight
+    if x.is_per_unit:
+        conv_fn = _CONV_TRANSPOSE[dims]
+        mean = conv_fn(x.loc.unsqueeze(0), weight, bias, stride, padding, output_padding, groups, dilation)[0]
+        var = conv_fn(x.spread.unsqueeze(0), square, None, stride, padding, output_padding, groups, dilation)[0]
+        return Moments.per_unit(mean, var)
+    stride, padding, dilation = (_as_tuple(v, dims) for v in (stride, padding, dilation))
+    in_channels, out_per_group = weight.shape[0], weight.shape[1]
+    kernel_size = weight.shape[2:]
+    phase_of_tap = [
+        [(k * dilation[d] - padding[d]) % stride[d] for k in range(kernel_size[d])] for d in range(dims)
+    ]
+    class_means, class_vars = [], []
+    for phase in itertools.product(*(range(s) for s in stride)):
+        mask = torch.ones((), dtype=weight.dtype, device=weight.device)
+        for d in range(dims):
+            axis = torch.tensor([p == phase[d] for p in phase_of_tap[d]], dtype=weight.dtype, device=weight.device)
+            mask = mask.unsqueeze(-1) * axis
+        summed = (weight * mask).reshape(in_channels, out_per_group, -1).sum(-1)
+        summed_sq = (square * mask).reshape(in_channels, out_per_group, -1).sum(-1)
+        class_means.append(_grouped_matvec(summed, x.loc, groups))
+        class_vars.append(_grouped_matvec(summed_sq, x.spread, groups))
+    means, variances = torch.stack(class_means), torch.stack(class_vars)
+    if bias is not None:
+        means = means + bias
+    mean = means.mean(0)
+    var = (variances + means * means).mean(0) - mean * mean
+    return Moments.per_channel(mean, var.clamp_min(0), tuple(out_shape))
+
+
+def _grouped_matvec(kernel: torch.Tensor, values: torch.Tensor, groups: int) -> torch.Tensor:
+    """``out[g*Og + j] = sum_{c in group g} kernel[c, j] values[c]`` for a ``[C_in, O/g]`` kernel."""
+    in_channels, out_per_group = kernel.shape
+    per_group = kernel.reshape(groups, in_channels // groups, out_per_group)
+    return torch.einsum("gcj,gc->gj", per_group, values.reshape(groups, -1)).reshape(-1)
+
+
+def _as_tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+@moment_rule("batch_norm")
+def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+               eps: float = 1e-5, **_) -> Moments:
+    """BatchNorm ``y = g (x - mu)/sqrt(s2 + eps) + b``, channel dim 1, exact for both forms.
+
+    Eval form: ``(mu, s2)`` are the running statistics, so mean ``g (m - mu)/sqrt(s2 + eps) + b`` and
+    var ``g^2 v/(s2 + eps)``. Batch form (``training=True``, or no running statistics): the population limit
+    of batch statistics, ``(mu, s2) = (m_c, v_c)`` the input's own channel moments, so mean ``b`` and var
+    ``g^2 v/(v + eps)`` per channel.
+    """
+    if training or running_mean is None or running_var is None:
+        center, spread = x.mean, x.var
+    else:
+        center, spread = running_mean, running_var
+    scale = torch.rsqrt(spread + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -center * scale
+    if bias is not None:
+        shift = shift + bias
+    mean = x.loc * _channel_vector(scale, x.loc) + _channel_vector(shift, x.loc)
+    var = x.spread * _channel_vector(scale * scale, x.spread)
+    return Moments(mean, var, x.shape)

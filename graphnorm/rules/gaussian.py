@@ -1,0 +1,121 @@
+"""Gaussian building blocks shared by the rules: cdf/pdf, interval moments, Gauss-Legendre nodes, order
+statistics of the maximum, and Clark's max of two Gaussians.
+
+All functions work elementwise on tensors and are differentiable with torch autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+import torch
+
+SQRT_2PI = math.sqrt(2.0 * math.pi)
+# Standardized breakpoints are clamped here: beyond it the normal pdf underflows in float64 and the cdf is
+# exactly 0 or 1, so nothing is lost, and polynomials times pdf stay finite (no inf * 0).
+Z_LIMIT = 40.0
+
+
+def ndtr(z: torch.Tensor) -> torch.Tensor:
+    return torch.special.ndtr(z)
+
+
+def pdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) / SQRT_2PI
+
+
+def safe_std(var: torch.Tensor) -> torch.Tensor:
+    """sqrt(var) kept away from 0 so standardized quantities stay finite (a zero variance is a point mass)."""
+    tiny = torch.finfo(var.dtype).tiny ** 0.5
+    return var.clamp_min(tiny).sqrt()
+
+
+def interval_probability(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """P(alpha < Z < beta) for standard normal Z, accurate in both tails (no 1 - 1 cancellation)."""
+    upper_tail = alpha > 0
+    return torch.where(upper_tail, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))
+
+
+def interval_moments(alpha: torch.Tensor, beta: torch.Tensor, max_order: int) -> list[torch.Tensor]:
+    """Partial moments ``M_k = int_alpha^beta z^k phi(z) dz`` of the standard normal, k = 0..max_order.
+
+    Recurrence (integration by parts, ``z phi(z) = -phi'(z)``):
+    ``M_0 = Phi(beta) - Phi(alpha)``, ``M_1 = phi(alpha) - phi(beta)``,
+    ``M_k = (k-1) M_{k-2} + alpha^{k-1} phi(alpha) - beta^{k-1} phi(beta)``.
+    Infinite limits are passed as +-Z_LIMIT.
+    """
+    alpha = alpha.clamp(-Z_LIMIT, Z_LIMIT)
+    beta = beta.clamp(-Z_LIMIT, Z_LIMIT)
+    pdf_alpha, pdf_beta = pdf(alpha), pdf(beta)
+    moments = [interval_probability(alpha, beta), pdf_alpha - pdf_beta]
+    for k in range(2, max_order + 1):
+        moments.append(
+            (k - 1) * moments[k - 2] + alpha ** (k - 1) * pdf_alpha - beta ** (k - 1) * pdf_beta
+        )
+    return moments[: max_order + 1]
+
+
+@cache
+def _leggauss(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(nodes)
+
+
+def legendre_nodes(nodes: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre nodes and weights on [-1, 1], in the dtype and device of ``like``."""
+    points, weights = _leggauss(nodes)
+    return (torch.as_tensor(points, dtype=like.dtype, device=like.device),
+            torch.as_tensor(weights, dtype=like.dtype, device=like.device))
+
+
+@cache
+def _max_density_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid ``x_j`` and weights ``w_j`` with ``E[g(M)] ~ sum_j w_j g(x_j)`` for M the max of n iid N(0, 1):
+    trapezoid rule on the density ``n phi(x) Phi(x)^(n-1)`` over [-12, 12], step 0.0005 (float64)."""
+    if n < 1:
+        raise ValueError(f"a max over {n} values is undefined")
+    x = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    weights = n * pdf(x) * ndtr(x) ** (n - 1) * (x[1] - x[0])
+    weights[0] *= 0.5
+    weights[-1] *= 0.5
+    return x, weights
+
+
+def max_quadrature(n: int, like: torch.Tensor, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_max_density_grid` in the dtype/device of ``like``, every ``stride``-th point (weights
+    rescaled), for integrals of functions over the max of n iid standard normals."""
+    x, weights = _max_density_grid(n)
+    if stride > 1:
+        x, weights = x[::stride], weights[::stride] * stride
+    return x.to(like), weights.to(like)
+
+
+@cache
+def max_order_statistics(n: int) -> tuple[float, float]:
+    """Mean ``E_n`` and variance ``V_n`` of the maximum of n iid N(0, 1).
+
+    Exact up to the quadrature of :func:`_max_density_grid` (error < 1e-9). n = 9 gives (1.485013, 0.357353).
+    """
+    x, weights = _max_density_grid(n)
+    first = (weights * x).sum().item()
+    second = (weights * x * x).sum().item()
+    return first, second - first * first
+
+
+def clark_max(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of max(X1, X2) for independent Gaussians (Clark 1961), shift-stabilized.
+
+    ``t = sqrt(v1 + v2)``, ``d = (m1 - m2)/t``; mean ``m1 Phi(d) + m2 Phi(-d) + t phi(d)``,
+    second moment ``(v1 + m1^2) Phi(d) + (v2 + m2^2) Phi(-d) + (m1 + m2) t phi(d)``. Computed relative to
+    ``(m1 + m2)/2`` so that large means do not cancel in the variance.
+    """
+    center = 0.5 * (m1 + m2)
+    a, b = m1 - center, m2 - center
+    t = safe_std(v1 + v2)
+    d = (a - b) / t
+    p, q, density = ndtr(d), ndtr(-d), pdf(d)
+    mean = a * p + b * q + t * density
+    second = (v1 + a * a) * p + (v2 + b * b) * q + (a + b) * t * density
+    return mean + center, (second - mean * mean).clamp_min(0)

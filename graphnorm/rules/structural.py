@@ -1,0 +1,189 @@
+"""Moment rules of graph plumbing and arithmetic: identity, dropout, flatten/reshape, add/sub/mul/div/neg
+(with constants or between two random tensors), concatenation.
+
+Between two random tensors the rules assume independence (``Var[x + y] = Var[x] + Var[y]``;
+``Var[x y] = (v_x + m_x^2)(v_y + m_y^2) - m_x^2 m_y^2``). The same node on both sides (``x + x``, ``x * x``)
+is handled exactly instead (Gaussian fourth moment for ``x * x``). Residual branches are correlated with
+their skip; that covariance is neglected (MATH.md section 6).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ..errors import RuleError
+from ..moments import Moments
+from . import moment_rule
+
+Operand = Moments | torch.Tensor | numbers.Number
+
+
+@moment_rule("identity")
+def identity(x: Moments, **_) -> Moments:
+    """Identity (``nn.Identity``, ``contiguous``, ``clone``): moments unchanged."""
+    return x
+
+
+@moment_rule("dropout")
+def dropout(x: Moments, *, p: float = 0.5, training: bool = True, **_) -> Moments:
+    """Inverted dropout with drop rate r. Eval: identity. Train: ``y = x b/(1-r)``, b ~ Bernoulli(1-r)
+    independent of x, so mean ``m`` and var ``(v + m^2)/(1-r) - m^2`` (exact)."""
+    if not training or p == 0:
+        return x
+    if p >= 1:
+        return Moments(torch.zeros_like(x.loc), torch.zeros_like(x.spread), x.shape)
+    second = (x.spread + x.loc.square()) / (1 - p)
+    return Moments(x.loc, second - x.loc.square(), x.shape)
+
+
+def _reshaped(x: Moments, out_shape: tuple[int, ...]) -> Moments:
+    """Any reshape that keeps the batch dim: move unit maps to the new shape (channel moments are
+    broadcast over positions first), then dim 1 of the new shape is the channel."""
+    if tuple(out_shape) == x.shape:
+        return x
+    if x.positions * x.channels != _numel(out_shape):
+        raise RuleError(f"reshape from {x.shape} to {tuple(out_shape)} mixes the batch dim; keep dim 0 as batch")
+    mean = x.unit_mean.reshape(out_shape)
+    var = x.unit_var.reshape(out_shape)
+    return Moments.per_unit(mean, var) if len(out_shape) > 1 else Moments.per_channel(mean, var, tuple(out_shape))
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+@moment_rule("flatten")
+def flatten(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments:
+    """Flatten (``start_dim >= 1``): each unit keeps its moments; flattening ``(C, H, W)`` to features repeats
+    each channel's moments over its ``H*W`` positions."""
+    return _reshaped(x, out_shape)
+
+
+@moment_rule("reshape")
+def reshape(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments:
+    """``view``/``reshape`` that keeps the batch dim: units keep their moments (see :func:`flatten`)."""
+    return _reshaped(x, out_shape)
+
+
+def _per_sample_constant(value: torch.Tensor | numbers.Number, x: Moments) -> torch.Tensor:
+    """A constant operand as a scalar or a tensor with one dim per activation dim (batch dim dropped)."""
+    tensor = torch.as_tensor(value, dtype=x.loc.dtype, device=x.loc.device)
+    if tensor.dim() == 0:
+        return tensor
+    if tensor.dim() > len(x.shape):
+        if tensor.dim() > len(x.shape) + 1 or tensor.shape[0] != 1:
+            raise RuleError(f"a constant of shape {tuple(tensor.shape)} varies along the batch dim")
+        tensor = tensor[0]
+    return tensor.reshape((1,) * (len(x.shape) - tensor.dim()) + tuple(tensor.shape))
+
+
+def _varies_within_channel(constant: torch.Tensor) -> bool:
+    return constant.dim() > 1 and any(size != 1 for size in constant.shape[1:])
+
+
+def _channel_form(constant: torch.Tensor) -> torch.Tensor:
+    return constant if constant.dim() == 0 else constant.reshape(constant.shape[0])
+
+
+def _result(mean: torch.Tensor, var: torch.Tensor, out_shape, per_unit: bool) -> Moments:
+    shape = tuple(out_shape)
+    if per_unit and len(shape) > 1:
+        return Moments.per_unit(mean.expand(shape), var.expand(shape))
+    return Moments.per_channel(mean.expand(shape[0]), var.expand(shape[0]), shape)
+
+
+def _affine_constant(x: Moments, scale, shift, out_shape) -> Moments:
+    """``scale * x + shift`` with constant scale and shift (numbers or tensors broadcastable to x)."""
+    scale, shift = (_per_sample_constant(c, x) for c in (scale, shift))
+    if x.is_per_unit or _varies_within_channel(scale) or _varies_within_channel(shift):
+        mean, var = x.unit_mean, x.unit_var
+        return _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True)
+    scale, shift = _channel_form(scale), _channel_form(shift)
+    return _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False)
+
+
+def _pair(a: Moments, b: Moments) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Moments of two random operands in one broadcastable layout: channel vectors (each operand stationary
+    per channel, e.g. a squeeze-excitation gate ``[C, 1, 1]`` against ``[C, H, W]``) or unit maps."""
+    if a.is_per_unit or b.is_per_unit:
+        return True, a.unit_mean, a.unit_var, b.unit_mean, b.unit_var
+    return False, a.loc, a.spread, b.loc, b.spread
+
+
+def _add(a: Operand, b: Operand, sign: float, alpha, out_shape) -> Moments:
+    scale_b = sign * alpha
+    if isinstance(a, Moments) and isinstance(b, Moments):
+        if a is b:
+            return _affine_constant(a, 1 + scale_b, 0.0, out_shape)
+        per_unit, ma, va, mb, vb = _pair(a, b)
+        return _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit)
+    if isinstance(a, Moments):
+        return _affine_constant(a, 1.0, b * scale_b if scale_b != 1 else b, out_shape)
+    return _affine_constant(b, scale_b, a, out_shape)
+
+
+@moment_rule("add")
+def add(a: Operand, b: Operand, *, alpha=1, out_shape: tuple[int, ...], **_) -> Moments:
+    """``a + alpha b``: means add; variances add for independent random operands; a constant shifts."""
+    return _add(a, b, 1.0, alpha, out_shape)
+
+
+@moment_rule("sub")
+def sub(a: Operand, b: Operand, *, alpha=1, out_shape: tuple[int, ...], **_) -> Moments:
+    """``a - alpha b``: as :func:`add` with ``-alpha``."""
+    return _add(a, b, -1.0, alpha, out_shape)
+
+
+@moment_rule("mul")
+def mul(a: Operand, b: Operand, *, out_shape: tuple[int, ...], **_) -> Moments:
+    """``a * b``. Constant c: mean ``c m``, var ``c^2 v``. Independent random operands (e.g. a
+    squeeze-excitation gate): mean ``m_a m_b``, var ``(v_a + m_a^2)(v_b + m_b^2) - m_a^2 m_b^2``.
+    ``x * x`` of a Gaussian: mean ``v + m^2``, var ``2 v^2 + 4 m^2 v``."""
+    if isinstance(a, Moments) and isinstance(b, Moments):
+        if a is b:
+            m, v = a.loc, a.spread
+            return Moments(v + m * m, 2 * v * v + 4 * m * m * v, a.shape)
+        per_unit, ma, va, mb, vb = _pair(a, b)
+        second = (va + ma * ma) * (vb + mb * mb)
+        mean = ma * mb
+        return _result(mean, second - mean * mean, out_shape, per_unit)
+    if isinstance(a, Moments):
+        return _affine_constant(a, b, 0.0, out_shape)
+    return _affine_constant(b, a, 0.0, out_shape)
+
+
+@moment_rule("div")
+def div(a: Operand, b: Operand, *, out_shape: tuple[int, ...], **_) -> Moments:
+    """``x / c`` for a constant c: as :func:`mul` with ``1/c``. Division by a random tensor has no rule."""
+    if isinstance(b, Moments):
+        raise RuleError("division by a random tensor has no moment rule; only x / constant is supported")
+    return _affine_constant(a, 1.0 / torch.as_tensor(b), 0.0, out_shape)
+
+
+@moment_rule("neg")
+def neg(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments:
+    """``-x``: mean ``-m``, var ``v``."""
+    return Moments(-x.loc, x.spread, x.shape)
+
+
+@moment_rule("cat")
+def cat(*parts: Moments, dim: int = 0, out_shape: tuple[int, ...], **_) -> Moments:
+    """Concatenation. Along channels (dim 1): the channel moments are concatenated. Along another dim the
+    unit maps are concatenated (channel moments then mix the parts by their sizes)."""
+    if not all(isinstance(part, Moments) for part in parts):
+        raise RuleError("cat of random and constant tensors has no moment rule; concatenate activations only")
+    ndim = len(out_shape) + 1
+    dim = dim % ndim
+    if dim == 0:
+        raise RuleError("cat along the batch dim has no moment rule")
+    if dim == 1 and not any(part.is_per_unit for part in parts):
+        return Moments.per_channel(torch.cat([p.loc for p in parts]), torch.cat([p.spread for p in parts]),
+                                   tuple(out_shape))
+    mean = torch.cat([p.unit_mean for p in parts], dim=dim - 1)
+    var = torch.cat([p.unit_var for p in parts], dim=dim - 1)
+    return Moments.per_unit(mean, var) if len(out_shape) > 1 else Moments.per_channel(mean, var, tuple(out_shape))

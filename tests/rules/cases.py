@@ -1,0 +1,216 @@
+"""Monte-Carlo cases, one or more per registered moment rule.
+
+A case is a small module run on Gaussian input: graphnorm propagates the input statistics through its traced
+graph, and the moments of the module's output are estimated from 10^5 real forward draws. The op keys a
+case exercises are read off its traced graph, so tests/rules/test_coverage.py can assert that every
+registered rule has a case. ``rtol`` is an allowance beyond Monte-Carlo noise for rules that approximate on
+purpose; ``why`` justifies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Channel means and stds that span small and large |mean/std| (up to 5 and down to -3).
+WIDE_MEAN = [0.0, 2.0, -3.0, 0.5, 10.0, -1.0]
+WIDE_STD = [1.0, 0.5, 1.0, 4.0, 2.0, 0.1]
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]  # one sample, no batch dim
+    mean: list[float] = field(default_factory=lambda: list(WIDE_MEAN))
+    std: list[float] = field(default_factory=lambda: list(WIDE_STD))
+    spatial: bool = False
+    crop: int = 0  # compare channel moments on the interior only (rules that ignore borders)
+    train: bool = False
+    rtol: float = 0.0
+    why: str = ""
+
+
+class Lambda(nn.Module):
+    """A module whose forward is a traced-through function (so torch.*, F.* and method spellings appear)."""
+
+    def __init__(self, fn: Callable, *modules: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x):
+        return self.fn(x, *self.parts)
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.4)
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, stride=1, padding=0)
+
+
+class FunctionalBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.tensor([0.3, -1.0, 2.0]))
+        self.register_buffer("running_var", torch.tensor([0.5, 2.0, 1.5]))
+        self.weight = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+        self.bias = nn.Parameter(torch.tensor([0.1, 0.2, -0.3]))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-3)
+
+
+def seeded(factory: Callable[[], nn.Module], seed: int = 0) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(seed)
+        return factory()
+
+    return build
+
+
+def batch_norm_eval(kind: type, channels: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(1)
+        bn = kind(channels)
+        bn.running_mean.copy_(torch.randn(channels))
+        bn.running_var.copy_(torch.rand(channels) + 0.5)
+        bn.weight.data.copy_(torch.randn(channels))
+        bn.bias.data.copy_(torch.randn(channels))
+        return bn.eval()
+
+    return build
+
+
+# For clamps the bounds must not sit more than ~3.5 std from a mean: beyond that the clipped mass is below
+# 1/10^4 and 10^5 draws see too few clipped values to estimate its effect (the standard error itself breaks).
+CLAMP_MEAN, CLAMP_STD = [0.0, 1.0, -1.5, 0.5, 3.0, -0.7], [1.0, 0.5, 1.0, 4.0, 0.5, 0.1]
+IN3_MEAN, IN3_STD = [0.5, -1.0, 2.0], [1.0, 0.5, 2.0]
+IN2_MEAN, IN2_STD = [0.0, 1.0], [1.0, 2.0]
+
+CASES: list[Case] = [
+    # -- affine ---------------------------------------------------------------------------------------------------
+    Case("linear", seeded(lambda: nn.Linear(6, 4)), (6,)),
+    Case("linear-on-3d-per-channel", seeded(lambda: nn.Linear(5, 3)), (2, 5), mean=[0.5, -1.0], std=[1.0, 2.0]),
+    Case("linear-functional", seeded(lambda: Lambda(lambda x, lin: F.linear(x, lin.weight, lin.bias), nn.Linear(6, 2))),
+         (6,)),
+    Case("conv2d", seeded(lambda: nn.Conv2d(3, 4, 3)), (3, 7, 7), IN3_MEAN, IN3_STD),
+    Case("conv2d-stride-pad-dilation-per-unit", seeded(lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2)),
+         (3, 9, 9), IN3_MEAN, IN3_STD, spatial=True),
+    Case("conv2d-groups-per-unit", seeded(lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2)), (4, 6, 6),
+         [0.0, 1.0, -1.0, 0.5], [1.0, 0.5, 2.0, 1.0], spatial=True),
+    Case("conv2d-reflect-interior", seeded(lambda: nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")), (3, 8, 8),
+         IN3_MEAN, IN3_STD, crop=1),
+    Case("conv2d-depthwise", seeded(lambda: nn.Conv2d(3, 3, 3, groups=3)), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("conv1d", seeded(lambda: nn.Conv1d(3, 4, 3)), (3, 10), IN3_MEAN, IN3_STD),
+    Case("conv3d", seeded(lambda: nn.Conv3d(3, 2, 2)), (3, 4, 4, 4), IN3_MEAN, IN3_STD),
+    Case("conv2d-functional", seeded(FunctionalConv), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("conv-transpose2d-interior", seeded(lambda: nn.ConvTranspose2d(3, 4, 4, stride=2)), (3, 6, 6),
+         IN3_MEAN, IN3_STD, crop=3),
+    Case("conv-transpose2d-per-unit",
+         seeded(lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)), (3, 5, 5),
+         IN3_MEAN, IN3_STD, spatial=True),
+    Case("conv-transpose1d-groups-interior", seeded(lambda: nn.ConvTranspose1d(4, 2, 4, stride=2, groups=2)), (4, 8),
+         [0.0, 1.0, -1.0, 0.5], [1.0, 0.5, 2.0, 1.0], crop=4),
+    Case("batchnorm2d-eval", batch_norm_eval(nn.BatchNorm2d, 3), (3, 4, 4), IN3_MEAN, IN3_STD),
+    Case("batchnorm1d-eval-features", batch_norm_eval(nn.BatchNorm1d, 6), (6,)),
+    Case("batchnorm1d-eval-3d", batch_norm_eval(nn.BatchNorm1d, 2), (2, 5), IN2_MEAN, IN2_STD),
+    Case("batchnorm2d-train", seeded(lambda: nn.BatchNorm2d(3)), (3, 4, 4), IN3_MEAN, IN3_STD, train=True,
+         rtol=2e-3, why="batch statistics of 10^4 x 16 values differ from the population ones by ~1e-3 of the std"),
+    Case("batch-norm-functional", seeded(FunctionalBatchNorm), (3, 4, 4), IN3_MEAN, IN3_STD),
+    # -- activations ----------------------------------------------------------------------------------------------
+    Case("relu", nn.ReLU, (6,)),
+    Case("relu-method", lambda: Lambda(lambda x: x.relu()), (6,)),
+    Case("relu6", nn.ReLU6, (6,)),
+    Case("leaky-relu", lambda: nn.LeakyReLU(0.2), (6,)),
+    Case("hardtanh", lambda: nn.Hardtanh(-2.0, 1.5), (6,), CLAMP_MEAN, CLAMP_STD),
+    Case("clamp", lambda: Lambda(lambda x: x.clamp(min=-0.5, max=2.0)), (6,), CLAMP_MEAN, CLAMP_STD),
+    Case("clamp-min-only", lambda: Lambda(lambda x: torch.clamp(x, min=1.0)), (6,), CLAMP_MEAN, CLAMP_STD),
+    Case("hardsigmoid", nn.Hardsigmoid, (6,)),
+    Case("hardswish", nn.Hardswish, (6,)),
+    Case("sigmoid", nn.Sigmoid, (6,)),
+    Case("tanh", lambda: Lambda(torch.tanh), (6,)),
+    Case("gelu", nn.GELU, (6,)),
+    Case("gelu-tanh", lambda: nn.GELU(approximate="tanh"), (6,)),
+    Case("silu", nn.SiLU, (6,)),
+    Case("elu", lambda: nn.ELU(0.7), (6,)),
+    Case("softplus", lambda: nn.Softplus(beta=2.0), (6,)),
+    Case("mish", nn.Mish, (6,)),
+    # -- pooling --------------------------------------------------------------------------------------------------
+    Case("maxpool2d", lambda: nn.MaxPool2d(3, 2), (2, 9, 9), IN2_MEAN, IN2_STD),
+    Case("maxpool1d", lambda: Lambda(lambda x: F.max_pool1d(x, 4)), (2, 16), IN2_MEAN, IN2_STD),
+    Case("relu-then-maxpool2d", lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)), (2, 8, 8), [-1.0, 0.5],
+         [1.0, 2.0]),
+    Case("sigmoid-then-maxpool2d", lambda: nn.Sequential(nn.Sigmoid(), nn.MaxPool2d(3, 3)), (2, 9, 9), [-1.0, 0.5],
+         [1.0, 2.0]),
+    Case("relu-then-maxpool2d-per-unit", lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)), (2, 8, 8), [-1.0, 0.5],
+         [1.0, 2.0], spatial=True, rtol=0.05,
+         why="per unit, the Clark-pooled pre-activation (a moment-matched Gaussian) goes through the ReLU rule"),
+    Case("maxpool2d-padded-per-unit", lambda: nn.MaxPool2d(3, 2, padding=1), (2, 7, 7), IN2_MEAN, IN2_STD,
+         spatial=True, rtol=0.05,
+         why="Clark's pairwise fold treats each partial max as Gaussian: it underestimates the std of a max of 9 "
+             "iid Gaussians by ~4% (MATH.md section 2)"),
+    Case("avgpool2d", lambda: nn.AvgPool2d(2), (2, 6, 6), IN2_MEAN, IN2_STD),
+    Case("avgpool2d-divisor", lambda: nn.AvgPool2d(2, divisor_override=3), (2, 6, 6), IN2_MEAN, IN2_STD),
+    Case("avgpool2d-padded-per-unit",
+         lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), (2, 8, 8),
+         IN2_MEAN, IN2_STD, spatial=True),
+    Case("avgpool1d-padded-per-unit", lambda: nn.AvgPool1d(3, stride=1, padding=1), (2, 8), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("adaptive-avgpool2d", lambda: nn.AdaptiveAvgPool2d((3, 3)), (2, 7, 7), IN2_MEAN, IN2_STD),
+    Case("adaptive-avgpool2d-up-and-down-per-unit", lambda: nn.AdaptiveAvgPool2d((5, 3)), (2, 4, 7),
+         IN2_MEAN, IN2_STD, spatial=True),
+    Case("adaptive-avgpool1d", lambda: Lambda(lambda x: F.adaptive_avg_pool1d(x, 3)), (2, 7), IN2_MEAN, IN2_STD),
+    # -- structural -----------------------------------------------------------------------------------------------
+    Case("dropout-train", lambda: nn.Dropout(0.3), (6,), train=True),
+    Case("dropout-eval", lambda: nn.Dropout(0.3), (6,)),
+    Case("identity", nn.Identity, (6,)),
+    Case("flatten", seeded(lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten())), (2, 4, 4), IN2_MEAN, IN2_STD),
+    Case("view-size", seeded(lambda: Lambda(lambda x, c: c(x).view(x.size(0), -1), nn.Conv2d(2, 3, 2))), (2, 4, 4),
+         IN2_MEAN, IN2_STD),
+    Case("reshape-per-unit", lambda: Lambda(lambda x: x.reshape(x.shape[0], 4, -1)), (2, 4, 4), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("add-constant", lambda: Lambda(lambda x: x + 2.5), (6,)),
+    Case("add-self", lambda: Lambda(lambda x: x + x), (6,)),
+    Case("add-channel-tensor-alpha", lambda: Lambda(lambda x: torch.add(x, torch.arange(2.0).reshape(2, 1, 1), alpha=2)),
+         (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("add-spatial-tensor", lambda: Lambda(lambda x: x + torch.linspace(-1, 1, 9).reshape(3, 3)), (2, 3, 3),
+         IN2_MEAN, IN2_STD),
+    Case("sub-from-constant", lambda: Lambda(lambda x: 1.0 - x), (6,)),
+    Case("sub-self", lambda: Lambda(lambda x: x - x), (6,)),
+    Case("mul-constant", lambda: Lambda(lambda x: x * 3.0), (6,)),
+    Case("mul-self", lambda: Lambda(lambda x: x * x), (6,)),
+    Case("mul-channel-tensor", lambda: Lambda(lambda x: x.mul(torch.tensor([[[-1.0]], [[2.0]]]))), (2, 3, 3),
+         IN2_MEAN, IN2_STD),
+    Case("div-constant", lambda: Lambda(lambda x: x / 4.0), (6,)),
+    Case("neg", lambda: Lambda(lambda x: -x), (6,)),
+    Case("cat-channels", lambda: Lambda(lambda x: torch.cat([x, F.relu(x)], dim=1)), (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("cat-positions", lambda: Lambda(lambda x: torch.cat([x, x * 2.0], dim=2)), (2, 3, 3), IN2_MEAN, IN2_STD),
+]
+
+
+@dataclass
+class BinaryCase:
+    """A rule applied to two independent random operands (a graph cannot hold two independent activations
+    of one input, so these call the rule directly)."""
+
+    id: str
+    key: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: dict = field(default_factory=dict)
+
+
+BINARY_CASES = [
+    BinaryCase("add-independent", "add", lambda a, b: a + b),
+    BinaryCase("add-independent-alpha", "add", lambda a, b: a + 0.5 * b, {"alpha": 0.5}),
+    BinaryCase("sub-independent", "sub", lambda a, b: a - b),
+    BinaryCase("mul-independent", "mul", lambda a, b: a * b),
+]
