@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,11 +31,13 @@ __all__ = ["Moments", "MonotoneSource"]
 
 class MonotoneSource(NamedTuple):
     """Records that an activation is ``function(pre_activation)`` for a non-decreasing elementwise function,
-    and the moment rule that maps the pre-activation's moments to it."""
+    with the moment rule that maps the pre-activation's moments to it and, for piecewise-polynomial
+    functions, their ``(breakpoints, pieces)`` (which allow exact moments over non-Gaussian inputs)."""
 
     function: Callable[[torch.Tensor], torch.Tensor]
     rule: Callable[[Moments], Moments]
     pre_activation: Moments
+    piecewise: tuple[Any, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,14 +19,13 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError
 from .moments import Moments
 from .ops import canonical_call, target_name
 from .rules import RULES
 from .stats import InputStats
-from .trace import OP_KEY, trace
+from .trace import INPUT_NAMES, OP_KEY, trace
 
 __all__ = ["MomentPropagator", "MomentTable", "NodeInfo", "propagate"]
 
@@ -119,7 +118,8 @@ class MomentPropagator:
         self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
         parameter = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
         self.dtype = dtype or (parameter.dtype if parameter is not None else torch.get_default_dtype())
-        self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype)
+        self.extra_inputs = _extra_inputs(self.graph_module, concrete_args or {})
+        self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
         self.random_nodes = self._find_random_nodes()
         self._check_rules()
         self.info = {
@@ -156,7 +156,7 @@ class MomentPropagator:
         inputs = Moments.per_channel(stats.mean.to(self.dtype), stats.var.to(self.dtype), self.input_shape[1:])
         if self.spatial and len(self.input_shape) > 2:
             inputs = Moments.per_unit(inputs.unit_mean, inputs.unit_var)
-        interpreter.run(inputs)
+        interpreter.run(inputs, *self.extra_inputs)
         return MomentTable(interpreter.moments, self.info)
 
 
@@ -165,34 +165,66 @@ def propagate(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *
               concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> MomentTable:
     """Per-channel (or per-unit, ``spatial=True``) mean and variance of every activation of ``model`` when its
     input has the per-channel statistics ``stats``. See :class:`MomentPropagator` for the arguments."""
+    stats.validate_for(tuple(input_shape))
     propagator = MomentPropagator(model, input_shape, spatial=spatial, batch_norm=batch_norm,
                                   leaf_modules=leaf_modules, concrete_args=concrete_args, dtype=dtype)
     return propagator.run(stats)
 
 
-def _infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype
-                  ) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of every tensor-valued node, by fake-tensor shape propagation (no compute,
+def _extra_inputs(graph_module: fx.GraphModule, concrete_args: dict[str, Any]) -> list[Any]:
+    """Values of the placeholders after the first: from concrete_args, else their defaults."""
+    values = []
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    names = graph_module.meta.get(INPUT_NAMES) or [str(n.target) for n in placeholders]
+    for node, name in zip(placeholders[1:], names[1:], strict=False):
+        if name in concrete_args:
+            values.append(concrete_args[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise GraphnormError(f"the model's input '{name}' has no default; give its value in concrete_args")
+    return values
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on fake tensors (no compute, no mutation of the real module) and records shapes."""
+
+    def __init__(self, graph_module: fx.GraphModule, fake_module: nn.Module):
+        super().__init__(fake_module, garbage_collect_values=True, graph=graph_module.graph)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.failed_node: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        try:
+            value = super().run_node(node)
+        except Exception:
+            self.failed_node = node
+            raise
+        if isinstance(value, torch.Tensor):
+            self.shapes[node.name] = tuple(int(size) for size in value.shape[1:])
+        return value
+
+
+def _infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype,
+                  extra_inputs: list[Any]) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every tensor-valued node, by running the graph on fake tensors (no compute,
     the model untouched). The batch is at least 2 so training-mode BatchNorm accepts it."""
+    from torch._dynamo.utils import deepcopy_to_fake_tensor
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    batch = max(2, input_shape[0])
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    sample = fake_mode.from_tensor(torch.empty((batch, *input_shape[1:]), dtype=dtype))
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    recorder = _ShapeRecorder(graph_module, deepcopy_to_fake_tensor(graph_module, fake_mode))
     try:
-        with torch.no_grad():
-            ShapeProp(graph_module, fake_mode=fake_mode).propagate(sample, *([None] * (len(placeholders) - 1)))
-    except Exception as err:
+        with torch.no_grad(), fake_mode:
+            sample = torch.empty((max(2, input_shape[0]), *input_shape[1:]), dtype=dtype)
+            recorder.run(sample, *extra_inputs)
+    except Exception as err:  # noqa: BLE001 - a failed shape pass means the input shape does not fit
+        where = f" at node '{recorder.failed_node.name}'" if recorder.failed_node is not None else ""
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GraphnormError(
-            f"the model does not run on an input of shape {input_shape}: {str(err).splitlines()[0]}; "
+            f"the model does not run on an input of shape {input_shape}{where}: {reason}; "
             "check input_shape (batch, channels, ...)") from err
-    shapes = {}
-    for node in graph_module.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            shapes[node.name] = tuple(meta.shape[1:])
-    return shapes
+    return recorder.shapes
 
 
 class _MomentInterpreter(fx.Interpreter):
@@ -200,18 +232,9 @@ class _MomentInterpreter(fx.Interpreter):
         super().__init__(propagator.graph_module, garbage_collect_values=False)
         self.propagator = propagator
         self.moments: dict[str, Moments] = {}
-        self._placeholders_seen = 0
 
     def _batch_shape(self, moments: Moments) -> torch.Size:
         return torch.Size((self.propagator.input_shape[0], *moments.shape))
-
-    def placeholder(self, target, args, kwargs):
-        self._placeholders_seen += 1
-        if self._placeholders_seen == 1:
-            return super().placeholder(target, args, kwargs)
-        if args:
-            return args[0]
-        raise RuleError(f"the model's extra input '{target}' has no default; fix it with concrete_args")
 
     def call_method(self, target, args, kwargs):
         if isinstance(args[0], Moments) and target in _STATIC_METHODS:

@@ -8,6 +8,7 @@ the module paths and call order) and whose call nodes carry their canonical op k
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from .ops import op_key
 __all__ = ["OP_KEY", "trace"]
 
 OP_KEY = "graphnorm.op"
+INPUT_NAMES = "graphnorm.input_names"  # the traced forward's parameter names, in placeholder order
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _GRAPHNORM_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +107,7 @@ def trace(
     name = type(model).__name__
     graph_module = fx.GraphModule(tracer.root, graph, name)
     graph_module.meta["graphnorm.traced_from"] = name
+    graph_module.meta[INPUT_NAMES] = list(inspect.signature(model.forward).parameters)
     tag_op_keys(graph_module)
     return graph_module
 

@@ -39,6 +39,7 @@ NODES = 48
 
 Polynomial = Sequence[float]  # coefficients c_0, c_1, ... of sum_k c_k x^k
 MomentsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PartialMoments = Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]]
 
 
 def _compose_affine(coefficients: Polynomial, shift: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
@@ -60,10 +61,13 @@ def _multiply(p: list[torch.Tensor], q: list[torch.Tensor]) -> list[torch.Tensor
     return out
 
 
-def _centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequence[float],
-                        pieces: Sequence[Polynomial], reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``E[g(X) - c]`` and ``E[(g(X) - c)^2]`` for piecewise-polynomial g, X ~ N(mean, std^2), c = reference.
+def centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequence[float],
+                       pieces: Sequence[Polynomial], reference: torch.Tensor,
+                       partial_moments: PartialMoments = interval_moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E[g(X) - c]`` and ``E[(g(X) - c)^2]`` for piecewise-polynomial g and ``X = mean + std B``, c = reference.
 
+    B is standard normal by default; ``partial_moments(alpha, beta, k)`` gives ``E[B^j 1{alpha < B < beta}]``,
+    j = 0..k, for another standardized base (e.g. the max of n normals).
     ``pieces[j]`` holds on ``(breakpoints[j-1], breakpoints[j])``, the outer pieces unbounded."""
     assert len(pieces) == len(breakpoints) + 1
     edges = [None, *breakpoints, None]
@@ -76,7 +80,7 @@ def _centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequ
         poly = _compose_affine(coefficients, mean, std)
         poly[0] = poly[0] - reference
         square = _multiply(poly, poly)
-        moments = interval_moments(alpha, beta, len(square) - 1)
+        moments = partial_moments(alpha, beta, len(square) - 1)
         first = first + sum(c * moments[k] for k, c in enumerate(poly))
         second = second + sum(c * moments[k] for k, c in enumerate(square))
     return first, second
@@ -88,7 +92,7 @@ def piecewise_polynomial_moments(mean: torch.Tensor, var: torch.Tensor, breakpoi
     """Exact mean and variance of ``f(X)``, X ~ N(mean, var), f piecewise polynomial (``function`` evaluates
     f itself, for the stabilizing shift ``f(mean)``)."""
     reference = function(mean)
-    first, second = _centered_piecewise(mean, safe_std(var), breakpoints, pieces, reference)
+    first, second = centered_piecewise(mean, safe_std(var), breakpoints, pieces, reference)
     return reference + first, (second - first * first).clamp_min(0)
 
 
@@ -119,7 +123,7 @@ def smooth_moments(mean: torch.Tensor, var: torch.Tensor, activation: SmoothActi
     std = safe_std(var)
     reference = activation.function(mean)
     below, above = activation.asymptote
-    first, second = _centered_piecewise(mean, std, [0.0], [below, above], reference)
+    first, second = centered_piecewise(mean, std, [0.0], [below, above], reference)
     lower = torch.clamp(mean - 10 * std, min=-activation.reach)
     upper = torch.maximum(torch.clamp(mean + 10 * std, max=activation.reach), lower)
     middle = torch.clamp(torch.zeros_like(mean), min=lower, max=upper)
@@ -138,18 +142,19 @@ def smooth_moments(mean: torch.Tensor, var: torch.Tensor, activation: SmoothActi
 
 
 def _elementwise(x: Moments, moments_fn: MomentsFn, function: Callable[[torch.Tensor], torch.Tensor],
-                 again: Callable[[Moments], Moments] | None) -> Moments:
+                 again: Callable[[Moments], Moments] | None, piecewise: tuple | None = None) -> Moments:
     """Apply a per-unit moment function; ``again`` (the rule itself) marks a monotone activation."""
     mean, var = moments_fn(x.loc, x.spread)
     out = Moments(mean, var, x.shape)
-    return out if again is None else out.with_monotone_source(MonotoneSource(function, again, x))
+    return out if again is None else out.with_monotone_source(MonotoneSource(function, again, x, piecewise))
 
 
 def _piecewise_rule(x: Moments, breakpoints: Sequence[float], pieces: Sequence[Polynomial],
                     function: Callable[[torch.Tensor], torch.Tensor], monotone: bool) -> Moments:
     again = partial(_piecewise_rule, breakpoints=breakpoints, pieces=pieces, function=function, monotone=monotone)
     return _elementwise(x, partial(piecewise_polynomial_moments, breakpoints=breakpoints, pieces=pieces,
-                                   function=function), function, again if monotone else None)
+                                   function=function), function, again if monotone else None,
+                        (breakpoints, pieces))
 
 
 def _smooth_rule(x: Moments, activation: SmoothActivation, monotone: bool) -> Moments:

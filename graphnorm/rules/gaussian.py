@@ -7,6 +7,7 @@ All functions work elementwise on tensors and are differentiable with torch auto
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
@@ -89,6 +90,43 @@ def max_quadrature(n: int, like: torch.Tensor, stride: int = 1) -> tuple[torch.T
     if stride > 1:
         x, weights = x[::stride], weights[::stride] * stride
     return x.to(like), weights.to(like)
+
+
+@cache
+def _max_cumulative_moments(n: int, max_order: int) -> torch.Tensor:
+    """``C[k, j] = int_{-12}^{x_j} x^k q_n(x) dx`` on the grid of :func:`_max_density_grid` (cumulative
+    trapezoid), k = 0..max_order, for q_n the density of the max of n iid standard normals."""
+    x, _ = _max_density_grid(n)
+    density = n * pdf(x) * ndtr(x) ** (n - 1)
+    step = (x[1] - x[0]).item()
+    rows = []
+    for k in range(max_order + 1):
+        values = x**k * density
+        increments = 0.5 * (values[1:] + values[:-1]) * step
+        rows.append(torch.cat([torch.zeros(1, dtype=x.dtype), torch.cumsum(increments, 0)]))
+    return torch.stack(rows)
+
+
+def max_interval_moments(n: int) -> Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]]:
+    """Like :func:`interval_moments`, for M the max of n iid standard normals instead of Z:
+    ``int_alpha^beta x^k q_n(x) dx`` by linear interpolation in precomputed cumulative tables."""
+
+    def moments(alpha: torch.Tensor, beta: torch.Tensor, max_order: int) -> list[torch.Tensor]:
+        table = _max_cumulative_moments(n, 4).to(alpha)
+        last = table.shape[1] - 1
+        step = 24.0 / last
+
+        def cumulative(z: torch.Tensor) -> torch.Tensor:
+            position = ((z.clamp(-12.0, 12.0) + 12.0) / step).clamp(0, last - 1e-6)
+            index = position.floor().long()
+            frac = (position - index).unsqueeze(0)
+            low, high = table[:, index], table[:, index + 1]
+            return low + frac * (high - low)
+
+        values = cumulative(beta) - cumulative(alpha)
+        return [values[k] for k in range(max_order + 1)]
+
+    return moments
 
 
 @cache

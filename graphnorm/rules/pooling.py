@@ -1,17 +1,16 @@
 """Moment rules of pooling: max, average and adaptive average (1-D and 2-D).
 
-Max-pooling (per channel) uses exact order statistics: the max of n iid ``N(m, v)`` has mean ``m + s E_n`` and
-variance ``v V_n`` (:func:`~graphnorm.rules.gaussian.max_order_statistics`), with n the window size; windows
-are taken as independent and identically distributed, and border windows cut by padding are ignored.
-Per unit, windows are folded with Clark's pairwise max (Clark 1961; Gast & Roth 2018), which underestimates
-the std of a max of 9 iid by about 4%.
+Max-pooling takes the values of a window as independent and identically distributed: the max of n iid
+``N(m, v)`` is ``m + s M`` with M the max of n iid standard normals, whose mean ``E_n`` and variance ``V_n``
+come from 1-D quadrature of its exact density (:func:`~graphnorm.rules.gaussian.max_order_statistics`).
+Per channel, n is the kernel size and border windows cut by padding are ignored. Per unit, each window gets
+the moment-matched mixture of its valid (non-padding) units and its own n. This replaces Clark's pairwise
+fold (Clark 1961; MATH.md), which underestimates the std of a max of 9 iid by ~4% at every stem max-pool.
 
 Max-pooling after a non-decreasing activation ``f`` (ReLU, ReLU6, LeakyReLU, sigmoid, ...) uses the exact
-identity ``maxpool(f(X)) = f(maxpool(X))``: per channel, ``E[f(max X)^k]`` is integrated over the exact
-density of the max of the Gaussian pre-activations; per unit, the Clark-pooled pre-activation goes through
-``f``'s rule.
-Treating the rectified variable as Gaussian instead (the published method) makes the std after resnet's stem
-wrong by 35-48% (MATH.md section 6).
+identity ``maxpool(f(X)) = f(maxpool(X))``: ``E[f(m + s M)^k]`` is integrated over the exact density of M, so
+the rectified variable is never treated as Gaussian (the published method's error of 35-48% on the std after
+resnet's stem, MATH.md section 6).
 
 Average pooling over k independent values keeps the mean and divides the variance by k.
 """
@@ -24,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RuleError
-from ..moments import Moments
+from ..moments import Moments, MonotoneSource
 from . import moment_rule
-from .gaussian import clark_max, max_order_statistics, max_quadrature
+from .activations import centered_piecewise
+from .gaussian import max_interval_moments, max_order_statistics, max_quadrature, safe_std
 
 
 def _as_tuple(value, dims: int) -> tuple[int, ...]:
@@ -53,40 +53,53 @@ def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, cei
     dims = len(x.shape) - 1
     if dims not in (1, 2):
         raise RuleError(f"max_pool rule supports 1-D and 2-D pooling, got a {dims}-D activation")
-    window = math.prod(_as_tuple(kernel_size, dims))
-    if x.monotone_of is not None:
-        function, rule, pre_activation = x.monotone_of
-        if not pre_activation.is_per_unit:
-            return _monotone_of_channel_max(function, pre_activation, window, tuple(out_shape))
-        pooled = max_pool(pre_activation, kernel_size=kernel_size, stride=stride, padding=padding,
-                          dilation=dilation, ceil_mode=ceil_mode, out_shape=out_shape)
-        return rule(pooled)
+    source = x.monotone_of
+    if source is not None:
+        x = source.pre_activation
     if not x.is_per_unit:
-        offset, shrink = max_order_statistics(window)
-        return Moments.per_channel(x.loc + x.spread.sqrt() * offset, x.spread * shrink, tuple(out_shape))
+        window = math.prod(_as_tuple(kernel_size, dims))
+        return _max_of_iid(x.loc, x.spread, window, source, tuple(out_shape))
     kernel, step, pad, dil = _window_geometry(dims, kernel_size, stride, padding, dilation)
     means, variances, valid = _unfold_windows(x, kernel, step, pad, dil, out_shape)
-    mean, var, seen = means[:, 0], variances[:, 0], valid[:, 0]
-    for k in range(1, means.shape[1]):
-        both_mean, both_var = clark_max(mean, var, means[:, k], variances[:, k])
-        take_new = valid[:, k] & ~seen
-        mean = torch.where(seen & valid[:, k], both_mean, torch.where(take_new, means[:, k], mean))
-        var = torch.where(seen & valid[:, k], both_var, torch.where(take_new, variances[:, k], var))
-        seen = seen | valid[:, k]
-    return Moments.per_unit(mean.reshape(out_shape), var.reshape(out_shape))
+    count = valid.sum(1)  # [C, L]: values in each window (padding excluded)
+    weight = valid.to(means.dtype)
+    mean = (means * weight).sum(1) / count
+    var = ((variances + means * means) * weight).sum(1) / count - mean * mean
+    out_mean, out_var = torch.zeros_like(mean), torch.zeros_like(mean)
+    for n in torch.unique(count).tolist():
+        selected = count == n
+        result = _max_of_iid(mean[selected], var[selected].clamp_min(0), int(n), source, (int(selected.sum()),),
+                             per_unit=True)
+        out_mean = out_mean.masked_scatter(selected, result.loc)
+        out_var = out_var.masked_scatter(selected, result.spread)
+    return Moments.per_unit(out_mean.reshape(out_shape), out_var.reshape(out_shape))
 
 
-def _monotone_of_channel_max(function, pre_activation: Moments, window: int, out_shape) -> Moments:
-    """``maxpool(f(X)) = f(max X)`` with the max of ``window`` iid ``N(m, s^2)`` equal to ``m + s M``, M the max
-    of iid standard normals: ``E[f(m + s M)^k]`` by quadrature over M's exact density (no Gaussian
-    approximation of the max). Moments of ``f - f(m + s E_n)`` keep the variance free of cancellation."""
-    points, weights = max_quadrature(window, pre_activation.loc, stride=8)
-    mean, std = pre_activation.loc.unsqueeze(-1), pre_activation.spread.sqrt().unsqueeze(-1)
-    typical = function(mean + std * max_order_statistics(window)[0])
-    centered = function(mean + std * points) - typical
-    first = (weights * centered).sum(-1)
-    second = (weights * centered * centered).sum(-1)
-    return Moments.per_channel(typical[..., 0] + first, (second - first * first).clamp_min(0), out_shape)
+def _max_of_iid(mean: torch.Tensor, var: torch.Tensor, window: int, source: MonotoneSource | None,
+                out_shape, per_unit: bool = False) -> Moments:
+    """Moments of ``f(max of window iid N(mean, var))``, f the monotone activation of ``source`` or the identity.
+
+    The max is ``mean + std M``, M the max of iid standard normals: ``(mean + std E_n, var V_n)`` exactly.
+    A piecewise-polynomial f is integrated exactly against M's density (tabulated partial moments); a smooth
+    f by quadrature over that density (per channel) or, per unit, through its rule applied to the
+    moment-matched Gaussian of the max (the cheap approximation). Moments are taken of
+    ``f - f(mean + std E_n)``, so the variance does not cancel."""
+    offset, shrink = max_order_statistics(window)
+    if source is None:
+        return Moments(mean + var.sqrt() * offset, var * shrink, out_shape)
+    std = safe_std(var)
+    typical = source.function(mean + std * offset)
+    if source.piecewise is not None:
+        breakpoints, pieces = source.piecewise
+        first, second = centered_piecewise(mean, std, breakpoints, pieces, typical, max_interval_moments(window))
+    elif not per_unit:
+        points, weights = max_quadrature(window, mean, stride=8)
+        centered = source.function(mean.unsqueeze(-1) + std.unsqueeze(-1) * points) - typical.unsqueeze(-1)
+        first = (weights * centered).sum(-1)
+        second = (weights * centered * centered).sum(-1)
+    else:
+        return source.rule(Moments(mean + var.sqrt() * offset, var * shrink, out_shape))
+    return Moments(typical + first, (second - first * first).clamp_min(0), out_shape)
 
 
 def _unfold_windows(x: Moments, kernel, step, pad, dil, out_shape):
