@@ -218,7 +218,7 @@ def _infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dt
         with torch.no_grad(), fake_mode:
             sample = torch.empty((max(2, input_shape[0]), *input_shape[1:]), dtype=dtype)
             recorder.run(sample, *extra_inputs)
-    except Exception as err:  # noqa: BLE001 - a failed shape pass means the input shape does not fit
+    except Exception as err:
         where = f" at node '{recorder.failed_node.name}'" if recorder.failed_node is not None else ""
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GraphnormError(

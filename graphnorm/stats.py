@@ -91,6 +91,14 @@ class InputStats:
             accumulator.add(batch)
         return accumulator.result()
 
+    def sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A batch of shape ``shape`` (``[N, C, ...]``) drawn from N(mean_c, var_c), independent per entry."""
+        self.validate_for(tuple(shape))
+        broadcast = (1, -1) + (1,) * (len(shape) - 2)
+        noise = torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        return self.mean.to(dtype).reshape(broadcast) + self.std.to(dtype).reshape(broadcast) * noise
+
     def validate_for(self, input_shape: tuple[int, ...]) -> None:
         """Raise unless these statistics fit a model input of ``input_shape`` (batch dim first)."""
         if len(input_shape) < 2:

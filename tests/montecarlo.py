@@ -71,7 +71,7 @@ def estimate(outputs, *, per_unit: bool, crop: int = 0) -> Estimate:
     sums = _Sums()
     for y in outputs:
         if crop and y.dim() > 2:
-            index = (slice(None), slice(None)) + tuple(slice(crop, size - crop) for size in y.shape[2:])
+            index = (slice(None), slice(None), *tuple(slice(crop, size - crop) for size in y.shape[2:]))
             y = y[index]
         if per_unit or y.dim() == 2:
             a, b = y, y * y
