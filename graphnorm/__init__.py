@@ -5,10 +5,12 @@ its graph analytically, and (in later modules) rewrite BatchNorm into normalizer
 functions of the weights, not of the batch.
 """
 
+from .converted import ConvertedModule
 from .errors import GraphnormError, InputStatsError, RuleError, TraceError, UnsupportedOpError
 from .moments import Moments
 from .ops import register_op
 from .propagate import MomentPropagator, MomentTable, propagate
+from .rewrite import ConversionLog, Rewrite, Skip, convert
 from .rules import RULES, moment_rule
 from .stats import InputStats
 from .trace import trace
@@ -17,16 +19,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RULES",
+    "ConversionLog",
+    "ConvertedModule",
     "GraphnormError",
     "InputStats",
     "InputStatsError",
     "MomentPropagator",
     "MomentTable",
     "Moments",
+    "Rewrite",
     "RuleError",
+    "Skip",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
+    "convert",
     "moment_rule",
     "propagate",
     "register_op",

@@ -33,6 +33,7 @@ class OpSpelling:
 
 
 _MODULES: dict[type, OpSpelling] = {}
+_INSTANCES: dict[str, OpSpelling] = {}  # for modules that carry a ``graphnorm_op`` attribute
 _FUNCTIONS: dict[Any, OpSpelling] = {}
 _METHODS: dict[str, OpSpelling] = {}
 
@@ -64,10 +65,20 @@ def register_op(target: type | Callable | str, key: str, canonicalize: Canonical
         raise TypeError(f"register_op: target must be a module type, a function or a method name, got {target!r}")
 
 
+def register_instance_op(key: str, canonicalize: Canonicalizer) -> None:
+    """Give the op key ``key`` to every module instance whose ``graphnorm_op`` attribute is ``key``, whatever
+    its type (used for layers that a rewrite parametrized in place)."""
+    _INSTANCES[key] = OpSpelling(key, canonicalize)
+
+
 def spelling_of(node: fx.Node, root: nn.Module) -> OpSpelling | None:
     """The registered spelling of a call node, or None."""
     if node.op == "call_module":
-        for cls in type(root.get_submodule(node.target)).__mro__:
+        module = root.get_submodule(node.target)
+        override = getattr(module, "graphnorm_op", None)
+        if isinstance(override, str) and override in _INSTANCES:
+            return _INSTANCES[override]
+        for cls in type(module).__mro__:
             if cls in _MODULES:
                 return _MODULES[cls]
         return None
@@ -219,8 +230,13 @@ def _batch_norm_function(x, running_mean, running_var, weight=None, bias=None, t
 
 
 register_op(nn.modules.batchnorm._BatchNorm, "batch_norm", _batch_norm_module)
+def _torch_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, *_, **__):
+    """``torch.batch_norm`` orders its arguments differently from ``F.batch_norm``."""
+    return _batch_norm_function(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
 register_op(F.batch_norm, "batch_norm", _batch_norm_function)
-register_op(torch.batch_norm, "batch_norm", _batch_norm_function)
+register_op(torch.batch_norm, "batch_norm", _torch_batch_norm)
 
 
 # -- pooling ---------------------------------------------------------------------------------------------------
@@ -289,6 +305,8 @@ def _reshape_method(x, *shape):
 register_op("view", "reshape", _reshape_method)
 register_op("reshape", "reshape", _reshape_method)
 register_op(torch.reshape, "reshape", lambda x, shape: ((x,), {"shape": tuple(shape)}))
+for _spelling in ("squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze):  # the rule reads the output shape
+    register_op(_spelling, "reshape", lambda x, *_, **__: ((x,), {}))
 
 
 # -- arithmetic ------------------------------------------------------------------------------------------------

@@ -116,8 +116,7 @@ class MomentPropagator:
         self.spatial = spatial
         self.batch_norm = batch_norm
         self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        parameter = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
-        self.dtype = dtype or (parameter.dtype if parameter is not None else torch.get_default_dtype())
+        self._dtype = dtype
         self.extra_inputs = _extra_inputs(self.graph_module, concrete_args or {})
         self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
         self.random_nodes = self._find_random_nodes()
@@ -126,6 +125,14 @@ class MomentPropagator:
             node.name: NodeInfo(node.meta.get(OP_KEY), _module_path(node), self.shapes.get(node.name, ()))
             for node in self.graph_module.graph.nodes if node.name in self.random_nodes or node.op == "output"
         }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the moments: as given, else that of the model's parameters now."""
+        if self._dtype is not None:
+            return self._dtype
+        parameter = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
+        return parameter.dtype if parameter is not None else torch.get_default_dtype()
 
     def _find_random_nodes(self) -> set[str]:
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]

@@ -37,4 +37,4 @@ def moment_rule(key: str, *, replace: bool = False) -> Callable[[Rule], Rule]:
 
 
 # Importing the families registers their rules.
-from . import activations, affine, pooling, structural  # noqa: E402, F401
+from . import activations, affine, normalizers, pooling, structural  # noqa: E402, F401

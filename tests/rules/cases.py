@@ -216,3 +216,47 @@ BINARY_CASES = [
     BinaryCase("sub-independent", "sub", lambda a, b: a - b),
     BinaryCase("mul-independent", "mul", lambda a, b: a * b),
 ]
+
+
+# -- graphnorm's own normalizer modules, inside converted models ---------------------------------------------------
+def conv_bn_relu_bn() -> nn.Module:
+    """Conv (no padding) -> BN -> ReLU -> BN: every unit of it has exact analytic moments (independent
+    Gaussian inputs to the conv, exact ReLU rule, BatchNorm on a known distribution)."""
+    torch.manual_seed(2)
+    first, second = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        for bn in (first, second):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), first, nn.ReLU(), second)
+
+
+def conv_bn() -> nn.Module:
+    """Conv -> BN only: with BatchNorm noise in training, the output moments are exact (the noise makes the
+    normalized values non-Gaussian, so a nonlinearity after it would test the Gaussian assumption instead)."""
+    return conv_bn_relu_bn()[:2]
+
+
+def converted(mode: str, *, stochastic_batch: int | None = None, mean=IN3_MEAN, std=IN3_STD,
+              factory: Callable[[], nn.Module] | None = None) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+
+        import graphnorm
+
+        model = factory() if factory is not None else conv_bn_relu_bn()
+        return graphnorm.convert(model, graphnorm.InputStats(mean, std), input_shape=(1, 3, 6, 6), mode=mode,
+                                 stochastic_batch=stochastic_batch)
+
+    return build
+
+
+CASES += [
+    Case("converted-analytic", converted("analytic"), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("converted-analytic-stochastic-train", converted("analytic", stochastic_batch=8, factory=conv_bn),
+         (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
+    Case("converted-reparam", converted("reparam"), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("converted-reparam-stochastic-train", converted("reparam", stochastic_batch=8, factory=conv_bn),
+         (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
+    Case("converted-normprop", converted("normprop"), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("converted-fixed", converted("fixed"), (3, 6, 6), IN3_MEAN, IN3_STD),
+]

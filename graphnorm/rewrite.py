@@ -1,0 +1,345 @@
+"""BatchNorm discovery and the rewrites behind :func:`graphnorm.convert` (MATH.md sections 3 and 4).
+
+Every BatchNorm *call site* is rewritten on its own (a module called twice gets two normalizers sharing its
+parameters; the upstream fx Conv+BN fuser gets this wrong), in a copy of the model: the input model is never
+touched. Each rewrite is recorded in a :class:`ConversionLog`, and so is every site left alone, with why.
+
+Modes:
+
+- ``analytic``: :class:`~graphnorm.normalizers.AnalyticNorm` at every site.
+- ``reparam``: a BatchNorm right after a Linear/Conv whose output has no other user (and which is called
+  once) is folded into that layer's weight and bias by ``torch.nn.utils.parametrize``; other sites fall back
+  to the analytic normalizer.
+- ``normprop``: Normalization Propagation as published: the input standardized with the input statistics,
+  each foldable Linear/Conv + BatchNorm becomes ``gamma W x/(c ||W_o||) + beta``, followed where a ReLU comes
+  next by ``(relu(u) - 0.398942)/0.583819``; other sites fall back to the analytic normalizer.
+- ``fixed``: each site keeps BatchNorm's eval form with the analytic statistics of its input as running
+  statistics, computed once (data-free recalibration).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+from torch import fx
+
+from .converted import ConvertedModule, StatisticsState
+from .errors import GraphnormError
+from .normalizers import (
+    RELU_MEAN,
+    RELU_STD,
+    AnalyticNorm,
+    BatchNoise,
+    ChannelAffine,
+    FixedBatchNorm,
+    NormalizedBias,
+    NormalizedWeight,
+    NormPropLayer,
+    ReparamState,
+)
+from .ops import spelling_of
+from .propagate import MomentPropagator, MomentTable
+from .rules.normalizers import REPARAM
+from .stats import InputStats
+from .trace import OP_KEY, trace
+
+__all__ = ["ConversionLog", "Rewrite", "Skip", "convert"]
+
+Mode = Literal["analytic", "reparam", "normprop", "fixed"]
+MODES = ("analytic", "reparam", "normprop", "fixed")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One BatchNorm call site and what it became."""
+
+    node: str
+    module_path: str | None
+    form: str  # "analytic", "reparam", "normprop", "fixed"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A BatchNorm call site left as it was, and why."""
+
+    node: str
+    module_path: str | None
+    reason: str
+
+
+@dataclass
+class ConversionLog:
+    """What :func:`convert` did: the mode, every rewritten site, every skipped one."""
+
+    mode: str
+    rewritten: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rewritten sites per form, e.g. ``{"reparam": 19, "analytic": 1}``."""
+        return dict(Counter(r.form for r in self.rewritten))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "counts": self.counts, "rewritten": [asdict(r) for r in self.rewritten],
+                "skipped": [asdict(s) for s in self.skipped]}
+
+    def __str__(self) -> str:
+        forms = ", ".join(f"{count} {form}" for form, count in self.counts.items()) or "none"
+        lines = [f"mode {self.mode}: {len(self.rewritten)} BatchNorm call site(s) rewritten ({forms}), "
+                 f"{len(self.skipped)} skipped"]
+        lines += [f"  skipped {s.node} ({s.module_path or 'functional'}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Site:
+    node: fx.Node
+    module_path: str | None
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    eps: float
+
+    @property
+    def input_name(self) -> str:
+        """Name of the node feeding the BatchNorm in the original graph."""
+        return self.original_input
+
+    def __post_init__(self) -> None:
+        self.original_input = self.node.args[0].name if self.node.args else ""
+
+
+def _resolve(graph_module: fx.GraphModule, value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        if value.op != "get_attr":
+            raise LookupError(value.name)
+        target: Any = graph_module
+        for part in str(value.target).split("."):
+            target = getattr(target, part)
+        return target
+    return value
+
+
+def _find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: ConversionLog) -> list[_Site]:
+    sites = []
+    for node in graph_module.graph.nodes:
+        if node.meta.get(OP_KEY) != "batch_norm":
+            continue
+        path = str(node.target) if node.op == "call_module" else None
+        if node.args[0].name not in random_nodes:
+            log.skipped.append(Skip(node.name, path, "its input does not depend on the model input"))
+            continue
+        if node.op == "call_module":
+            module = graph_module.get_submodule(node.target)
+            sites.append(_Site(node, path, module.weight, module.bias, module.running_mean, module.running_var,
+                               module.eps))
+            continue
+        try:
+            args = [_resolve(graph_module, a) for a in node.args]
+            kwargs = {k: _resolve(graph_module, v) for k, v in node.kwargs.items()}
+        except LookupError as missing:
+            log.skipped.append(Skip(node.name, None, f"its statistics or affine parameters are computed in the "
+                                                     f"graph (node '{missing}'), not parameters or buffers"))
+            continue
+        _, params = spelling_of(node, graph_module).canonicalize(*args, **kwargs)
+        sites.append(_Site(node, None, params["weight"], params["bias"], params["running_mean"],
+                           params["running_var"], float(params["eps"])))
+    return sites
+
+
+class _Rewriter:
+    def __init__(self, graph_module: fx.GraphModule, propagator: MomentPropagator, table: MomentTable,
+                 eps: float | None, log: ConversionLog):
+        self.gm = graph_module
+        self.graph = graph_module.graph
+        self.propagator = propagator
+        self.table = table
+        self.eps = eps
+        self.log = log
+        self.analytic_sites: list[tuple[str, str]] = []
+        self.reparam_sites: list[tuple[str, str]] = []
+        self._used_names: set[str] = set()
+        self._call_counts = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _site_eps(self, site: _Site) -> float:
+        return float(self.eps) if self.eps is not None else site.eps
+
+    def _install(self, site: _Site, module: nn.Module, suffix: str) -> str:
+        """Put ``module`` into the graph module: at the BatchNorm's own path for its first call site (so its
+        parameter names stay the BatchNorm's), else under a fresh name."""
+        base = site.module_path or f"{site.node.name}_{suffix}"
+        name, k = base, 1
+        while name in self._used_names:
+            name, k = f"{base}_site{k}", k + 1
+        self._used_names.add(name)
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _replace_node(self, node: fx.Node, module_name: str, source: fx.Node) -> fx.Node:
+        with self.graph.inserting_after(node):
+            new = self.graph.call_module(module_name, (source,))
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        return new
+
+    def _input_moments(self, site: _Site) -> tuple[torch.Tensor, torch.Tensor]:
+        """Analytic moments of the site's input in the original graph (the starting statistics; a converted
+        model recomputes them from its own graph before it runs)."""
+        moments = self.table[site.input_name]
+        return moments.mean.detach(), moments.var.detach()
+
+    def _foldable_producer(self, site: _Site, allow_linear_3d: bool = False) -> tuple[fx.Node | None, str]:
+        """The Linear/Conv node a BatchNorm can be folded into, or None and why not."""
+        producer = site.node.args[0]
+        key = producer.meta.get(OP_KEY)
+        if producer.op != "call_module" or key not in ("conv", "linear"):
+            return None, "no Linear/Conv module directly before it"
+        if len(producer.users) != 1:
+            return None, f"the output of '{producer.target}' has other users"
+        if self._call_counts[str(producer.target)] != 1:
+            return None, f"module '{producer.target}' is called at several sites"
+        layer = self.gm.get_submodule(producer.target)
+        if parametrize.is_parametrized(layer):
+            return None, f"module '{producer.target}' is parametrized already"
+        if key == "linear" and len(self.propagator.shapes[producer.name]) != 1:
+            return None, "the Linear acts on the last dim but BatchNorm normalizes dim 1"
+        return producer, ""
+
+    # -- the rewrites ----------------------------------------------------------------------------------------------
+    def analytic(self, site: _Site, stochastic_batch: int | None, detail: str = "") -> None:
+        x = site.node.args[0]
+        channels = self.propagator.shapes[site.input_name][0]
+        norm = AnalyticNorm(channels, site.weight, site.bias, self._site_eps(site), stochastic_batch)
+        norm.statistics = self._input_moments(site)
+        name = self._install(site, norm, "norm")
+        self._replace_node(site.node, name, x)
+        self.analytic_sites.append((name, x.name))
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "analytic", detail))
+
+    def fixed(self, site: _Site) -> None:
+        mean, var = self._input_moments(site)
+        name = self._install(site, FixedBatchNorm(mean, var, site.weight, site.bias, self._site_eps(site)), "fixed")
+        self._replace_node(site.node, name, site.node.args[0])
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed"))
+
+    def reparam(self, site: _Site, stochastic_batch: int | None) -> None:
+        producer, why_not = self._foldable_producer(site)
+        if producer is None:
+            self.analytic(site, stochastic_batch, f"fallback: {why_not}")
+            return
+        layer = self.gm.get_submodule(producer.target)
+        mean, var = self.table[producer.args[0].name].mean.detach(), self.table[producer.args[0].name].var.detach()
+        state = ReparamState(layer.weight, self._site_eps(site), mean, var)
+        groups = getattr(layer, "groups", 1)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                  device=layer.weight.device), requires_grad=False)
+        parametrize.register_parametrization(layer, "weight", NormalizedWeight(state, site.weight, groups))
+        parametrize.register_parametrization(layer, "bias", NormalizedBias(state, site.weight, site.bias, groups))
+        layer.graphnorm_op = REPARAM
+        producer.meta[OP_KEY] = REPARAM
+        site.node.replace_all_uses_with(producer)
+        self.graph.erase_node(site.node)
+        self.reparam_sites.append((str(producer.target), producer.args[0].name))
+        detail = f"folded into '{producer.target}'"
+        if stochastic_batch is not None:
+            name = self._install(site, BatchNoise(site.weight, site.bias, stochastic_batch), "noise")
+            with self.graph.inserting_after(producer):
+                noisy = self.graph.call_module(name, (producer,))
+            producer.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
+            detail += f", BatchNorm noise of batch {stochastic_batch} after it"
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "reparam", detail))
+
+    def normprop(self, site: _Site, c: float) -> None:
+        producer, why_not = self._foldable_producer(site)
+        if producer is None:
+            self.analytic(site, None, f"fallback: {why_not}")
+            return
+        layer = self.gm.get_submodule(producer.target)
+        name = self._install(_Site(producer, str(producer.target), None, None, None, None, 0.0),
+                             NormPropLayer(layer, site.weight, site.bias, c), "normprop")
+        new = self._replace_node(producer, name, producer.args[0])
+        site.node.replace_all_uses_with(new)
+        self.graph.erase_node(site.node)
+        detail = f"'{producer.target}' normalized by its weight norm"
+        users = list(new.users)
+        if len(users) == 1 and users[0].meta.get(OP_KEY) == "relu":
+            relu = users[0]
+            correction = self._install(_Site(relu, f"{relu.name}_normprop", None, None, None, None, 0.0),
+                                       ChannelAffine(1.0 / RELU_STD, -RELU_MEAN / RELU_STD), "correction")
+            with self.graph.inserting_after(relu):
+                corrected = self.graph.call_module(correction, (relu,))
+            relu.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
+            detail += ", ReLU output re-centred and re-scaled"
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "normprop", detail))
+
+    def standardize_input(self, stats: InputStats) -> None:
+        placeholder = next(n for n in self.graph.nodes if n.op == "placeholder")
+        name = "graphnorm_input_standardization"
+        self.gm.add_submodule(name, ChannelAffine((1.0 / stats.std).float(), (-stats.mean / stats.std).float()))
+        with self.graph.inserting_after(placeholder):
+            standardized = self.graph.call_module(name, (placeholder,))
+        placeholder.replace_all_uses_with(standardized, delete_user_cb=lambda user: user is not standardized)
+
+
+def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], mode: Mode = "analytic",
+            eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
+            leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
+            spatial: bool = False) -> ConvertedModule:
+    """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
+
+    Returns a new :class:`~graphnorm.converted.ConvertedModule` (a ``torch.fx.GraphModule``) with
+    ``graphnorm_log``; ``model`` and its parameters are not modified. ``input_shape`` is the shape of one
+    input batch (batch first); ``stats`` the per-channel input statistics. ``eps`` overrides every BatchNorm's
+    own eps. ``stochastic_batch=M`` (analytic and reparam modes) adds BatchNorm-like noise of a virtual
+    batch of size M in training. ``spatial=True`` computes statistics with per-unit moments (exact zero
+    padding; slower, for small images).
+    """
+    if mode not in MODES:
+        raise GraphnormError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if stochastic_batch is not None and mode not in ("analytic", "reparam"):
+        raise GraphnormError(f"stochastic_batch applies to the analytic and reparam modes, not to {mode!r}")
+    if stochastic_batch is not None and (not isinstance(stochastic_batch, int) or stochastic_batch < 4):
+        raise GraphnormError(f"stochastic_batch must be an integer >= 4, got {stochastic_batch!r}")
+    if normprop_c <= 0:
+        raise GraphnormError(f"normprop_c must be positive, got {normprop_c}")
+    input_shape = tuple(int(s) for s in input_shape)
+    stats.validate_for(input_shape)
+    graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    propagator = MomentPropagator(graph_module, input_shape, spatial=spatial, batch_norm="analytic",
+                                  concrete_args=concrete_args)
+    with torch.no_grad():
+        table = propagator.run(stats)
+    log = ConversionLog(mode)
+    rewriter = _Rewriter(graph_module, propagator, table, eps, log)
+    for site in _find_sites(graph_module, propagator.random_nodes, log):
+        if mode == "analytic":
+            rewriter.analytic(site, stochastic_batch)
+        elif mode == "fixed":
+            rewriter.fixed(site)
+        elif mode == "reparam":
+            rewriter.reparam(site, stochastic_batch)
+        else:
+            rewriter.normprop(site, normprop_c)
+    if mode == "normprop":
+        rewriter.standardize_input(stats)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    graph_module.delete_all_unused_submodules()
+    converted = ConvertedModule(graph_module, graph_module.graph, type(model).__name__ + "Converted")
+    converted.train(model.training)
+    converted.graphnorm_log = log
+    converted.__dict__["_graphnorm_state"] = StatisticsState(
+        stats, input_shape, spatial, concrete_args, rewriter.analytic_sites, rewriter.reparam_sites)
+    return converted
