@@ -145,8 +145,8 @@ def _find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conve
                                module.eps))
             continue
         try:
-            args = [_resolve(graph_module, a) for a in node.args]
-            kwargs = {k: _resolve(graph_module, v) for k, v in node.kwargs.items()}
+            args = [node.args[0], *(_resolve(graph_module, a) for a in node.args[1:])]
+            kwargs = {k: _resolve(graph_module, v) for k, v in node.kwargs.items() if k != "input"}
         except LookupError as missing:
             log.skipped.append(Skip(node.name, None, f"its statistics or affine parameters are computed in the "
                                                      f"graph (node '{missing}'), not parameters or buffers"))
@@ -334,6 +334,7 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
             rewriter.normprop(site, normprop_c)
     if mode == "normprop":
         rewriter.standardize_input(stats)
+    graph_module.graph.eliminate_dead_code()
     graph_module.graph.lint()
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()
