@@ -63,8 +63,7 @@ class StatisticsState:
             model.get_submodule(module_name).statistics = (moments.mean, moments.var)
         for module_name, input_name in self.reparam_sites:
             moments = table[input_name]
-            state = model.get_submodule(module_name).parametrizations.weight[0].state
-            state.input_mean, state.input_var = moments.mean, moments.var
+            model.get_submodule(module_name).parametrizations.weight[0].state.update(moments.mean, moments.var)
         self.cache_key = None if training else self._key(model)
 
 

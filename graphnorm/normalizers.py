@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rules.kernels import kernel_moments as channel_kernel_moments
+
 __all__ = ["AnalyticNorm", "BatchNoise", "ChannelAffine", "FixedBatchNorm", "NormPropLayer", "NormalizedBias",
            "NormalizedWeight", "ReparamState", "batch_noise"]
 
@@ -153,46 +155,43 @@ class FixedBatchNorm(nn.Module):
 
 @dataclass(eq=False)
 class ReparamState:
-    """What the two parametrizations of one folded layer share: the BatchNorm's gamma/beta, the layer's raw
-    weight, eps, and the analytic moments of the layer's input (set by the converted model)."""
+    """What the two parametrizations of one folded layer share: its raw weight, groups and eps, and
+    ``mu(W) = W m_in`` and ``sigma(W) = sqrt((W*W) v_in + eps)`` per output channel, computed (with autograd
+    in training) by the converted model from the analytic moments of the layer's input before each call."""
 
     weight: nn.Parameter
+    groups: int
     eps: float
-    input_mean: torch.Tensor | None = None
-    input_var: torch.Tensor | None = None
+    mu: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
 
-    def mean_and_sigma(self, weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mu(W) = W m_in`` and ``sigma(W) = sqrt((W*W) v_in + eps)`` per output channel (AP2)."""
-        if self.input_mean is None or self.input_var is None:
+    def update(self, input_mean: torch.Tensor, input_var: torch.Tensor) -> None:
+        self.mu, self.sigma = kernel_moments(self.weight, input_mean, input_var, self.groups, self.eps)
+
+    def statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mu is None or self.sigma is None:
             raise RuntimeError("the folded layer has no input statistics: call it through the converted model")
-        return kernel_moments(weight, self.input_mean, self.input_var, groups, self.eps)
+        return self.mu.to(like.dtype), self.sigma.to(like.dtype)
 
 
 def kernel_moments(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel of a Linear/Conv weight ``[O, C/g, *k]`` on inputs with per-channel moments
     ``(mean, var)``: ``mu = sum_{c,k} W m_c`` and ``sigma = sqrt(sum_{c,k} W^2 v_c + eps)``."""
-    out_channels = weight.shape[0]
-    flat = weight.reshape(groups, out_channels // groups, weight.shape[1], -1)
-    summed = flat.sum(-1)
-    squared = (flat * flat).sum(-1)
-    mean, var = mean.to(weight.dtype), var.to(weight.dtype)
-    mu = torch.einsum("goc,gc->go", summed, mean.reshape(groups, -1)).reshape(out_channels)
-    sigma2 = torch.einsum("goc,gc->go", squared, var.reshape(groups, -1)).reshape(out_channels)
-    return mu, torch.sqrt(sigma2 + eps)
+    mu, spread = channel_kernel_moments(weight, mean, var, groups)
+    return mu, torch.sqrt(spread + eps)
 
 
 class NormalizedWeight(nn.Module):
     """Parametrization ``W -> gamma W / sigma(W)`` (weight reparameterization; generalized NormProp)."""
 
-    def __init__(self, state: ReparamState, gamma: nn.Parameter | None, groups: int):
+    def __init__(self, state: ReparamState, gamma: nn.Parameter | None):
         super().__init__()
         self.state = state
         self.gamma = gamma
-        self.groups = groups
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        _, sigma = self.state.mean_and_sigma(weight, self.groups)
+        _, sigma = self.state.statistics(weight)
         scale = 1.0 / sigma if self.gamma is None else self.gamma / sigma
         return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
 
@@ -200,15 +199,14 @@ class NormalizedWeight(nn.Module):
 class NormalizedBias(nn.Module):
     """Parametrization of the bias ``b -> beta - gamma mu(W)/sigma(W)`` (the layer's own bias cancels)."""
 
-    def __init__(self, state: ReparamState, gamma: nn.Parameter | None, beta: nn.Parameter | None, groups: int):
+    def __init__(self, state: ReparamState, gamma: nn.Parameter | None, beta: nn.Parameter | None):
         super().__init__()
         self.state = state
         self.gamma = gamma
         self.beta = beta
-        self.groups = groups
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
-        mu, sigma = self.state.mean_and_sigma(self.state.weight, self.groups)
+        mu, sigma = self.state.statistics(bias)
         shifted = -mu / sigma if self.gamma is None else -self.gamma * mu / sigma
         return shifted if self.beta is None else shifted + self.beta
 

@@ -240,13 +240,14 @@ class _Rewriter:
             return
         layer = self.gm.get_submodule(producer.target)
         mean, var = self.table[producer.args[0].name].mean.detach(), self.table[producer.args[0].name].var.detach()
-        state = ReparamState(layer.weight, self._site_eps(site), mean, var)
         groups = getattr(layer, "groups", 1)
+        state = ReparamState(layer.weight, groups, self._site_eps(site))
+        state.update(mean, var)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
                                                   device=layer.weight.device), requires_grad=False)
-        parametrize.register_parametrization(layer, "weight", NormalizedWeight(state, site.weight, groups))
-        parametrize.register_parametrization(layer, "bias", NormalizedBias(state, site.weight, site.bias, groups))
+        parametrize.register_parametrization(layer, "weight", NormalizedWeight(state, site.weight))
+        parametrize.register_parametrization(layer, "bias", NormalizedBias(state, site.weight, site.bias))
         layer.graphnorm_op = REPARAM
         producer.meta[OP_KEY] = REPARAM
         site.node.replace_all_uses_with(producer)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..moments import Moments
 from . import moment_rule
+from .kernels import kernel_moments
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -34,10 +35,11 @@ def linear(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None
     """``y = W x + b`` over the last dim: mean ``W m + b``, var ``(W*W) v`` (independent inputs; AP2).
 
     Feature vectors ``[F]`` are exact per unit; on ``[C, ..., F]`` inputs the rule works on unit maps."""
+    if len(x.shape) == 1:
+        mean, var = kernel_moments(weight, x.loc, x.spread)
+        return Moments.per_channel(mean if bias is None else mean + bias, var, (weight.shape[0],))
     mean = F.linear(x.unit_mean, weight, bias)
     var = F.linear(x.unit_var, weight * weight)
-    if len(x.shape) == 1:
-        return Moments.per_channel(mean, var, (weight.shape[0],))
     return Moments.per_unit(mean, var)
 
 
@@ -60,26 +62,15 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     exact for zero padding and treats reflected/replicated border copies as independent (an approximation).
     """
     dims = weight.dim() - 2
-    square = weight * weight
     if x.is_per_unit:
+        square = weight * weight
         conv_fn = _CONV[dims]
         mean_in, conv_padding = _padding_for_unit_maps(x.loc.unsqueeze(0), padding, padding_mode, dims)
         var_in, _ = _padding_for_unit_maps(x.spread.unsqueeze(0), padding, padding_mode, dims)
         mean = conv_fn(mean_in, weight, bias, stride, conv_padding, dilation, groups)[0]
         var = conv_fn(var_in, square, None, stride, conv_padding, dilation, groups)[0]
         return Moments.per_unit(mean, var)
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
-    taps = weight[0, 0].numel()
-    # [g, O/g, C/g * taps] @ [g, C/g * taps, 1]: inputs repeated over taps, so no reduction over kernel dims.
-    kernel = weight.reshape(groups, out_channels // groups, in_per_group * taps)
-    kernel_sq = square.reshape(groups, out_channels // groups, in_per_group * taps)
-
-    def repeat_over_taps(values: torch.Tensor) -> torch.Tensor:
-        return values.reshape(groups, in_per_group, 1).expand(groups, in_per_group, taps).reshape(
-            groups, in_per_group * taps, 1)
-
-    mean = torch.bmm(kernel, repeat_over_taps(x.loc)).reshape(out_channels)
-    var = torch.bmm(kernel_sq, repeat_over_taps(x.spread)).reshape(out_channels)
+    mean, var = kernel_moments(weight, x.loc, x.spread, groups)
     if bias is not None:
         mean = mean + bias
     return Moments.per_channel(mean, var, tuple(out_shape))

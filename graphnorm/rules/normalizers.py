@@ -94,8 +94,8 @@ def reparameterized_layer(x: Moments, *, layer: nn.Module, out_shape: tuple[int,
     weight_parametrization = layer.parametrizations.weight[0]
     bias_parametrization = layer.parametrizations.bias[0]
     raw = layer.parametrizations.weight.original
-    groups = getattr(layer, "groups", 1)
-    mu, sigma = kernel_moments(raw, x.mean, x.var, groups, weight_parametrization.state.eps)
+    state = weight_parametrization.state
+    mu, sigma = kernel_moments(raw, x.mean, x.var, state.groups, state.eps)
     gamma = weight_parametrization.gamma
     scale = 1.0 / sigma if gamma is None else gamma / sigma
     weight = raw * scale.reshape((-1,) + (1,) * (raw.dim() - 1))

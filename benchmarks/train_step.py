@@ -1,0 +1,91 @@
+"""Wall time of one training step (forward + backward + SGD step) of torchvision ResNet-18 on (B, 3, 32, 32):
+the original BatchNorm model, graphnorm's analytic, reparam and NormProp conversions, and the same network with
+BatchNorm removed (the floor for any batch-independent normalizer). Measured side by side, round-robin, and
+reported as ratios to the BatchNorm step.
+
+    python benchmarks/train_step.py                   # B in 1 8 32, 20 steps each
+    python benchmarks/train_step.py --batches 32 --repeats 40 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import pstats
+
+import torch
+import torch.nn as nn
+import torchvision
+from common import interleaved_medians, write_result
+
+import graphnorm
+from graphnorm import InputStats
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    stripped = copy.deepcopy(model)
+    for name, module in list(stripped.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            stripped.set_submodule(name, nn.Identity())
+    return stripped
+
+
+def step_function(model: nn.Module, batch: int):
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 1000, (batch,), generator=generator)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="also profile one analytic step (cProfile)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(weights=None)
+    stats = InputStats.standard(3)
+    variants = {
+        "BatchNorm": lambda: copy.deepcopy(base),
+        "graphnorm analytic": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="analytic"),
+        "graphnorm reparam": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="reparam"),
+        "graphnorm normprop": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="normprop"),
+        "no normalization": lambda: without_batchnorm(base),
+    }
+    rows = []
+    for batch in args.batches:
+        steps = {name: step_function(make(), batch) for name, make in variants.items()
+                 if not (batch == 1 and name == "BatchNorm")}
+        medians = interleaved_medians(steps, args.repeats)
+        reference = medians.get("BatchNorm") or medians["no normalization"]
+        for name, seconds in medians.items():
+            rows.append({"batch": batch, "variant": name, "median_ms": seconds * 1e3,
+                         "ratio_to_batchnorm": seconds / reference if "BatchNorm" in medians else None,
+                         "ratio_to_no_norm": seconds / medians["no normalization"]})
+        if args.profile and batch == args.batches[-1]:
+            analytic = step_function(variants["graphnorm analytic"](), batch)
+            analytic()
+            profiler = cProfile.Profile()
+            profiler.runcall(analytic)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    path = write_result("train_step_resnet18", {"repeats": args.repeats, "rows": rows})
+    print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['ratio_to_batchnorm']:.2f}" if r["ratio_to_batchnorm"] is not None else "n/a (BN fails at B=1)"
+        print(f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} ms | {ratio} | {r['ratio_to_no_norm']:.2f} |")
+    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+
+
+if __name__ == "__main__":
+    main()
