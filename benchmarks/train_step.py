@@ -31,11 +31,11 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
     return stripped
 
 
-def step_function(model: nn.Module, batch: int):
+def step_function(model: nn.Module, batch: int, size: int = 32):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     generator = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, 3, 32, 32, generator=generator)
+    x = torch.randn(batch, 3, size, size, generator=generator)
     y = torch.randint(0, 1000, (batch,), generator=generator)
 
     def step() -> None:
@@ -49,40 +49,52 @@ def step_function(model: nn.Module, batch: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="also profile one analytic step (cProfile)")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(weights=None)
     stats = InputStats.standard(3)
+    shape = (1, 3, args.size, args.size)
     variants = {
         "BatchNorm": lambda: copy.deepcopy(base),
-        "graphnorm analytic": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="analytic"),
-        "graphnorm reparam": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="reparam"),
-        "graphnorm normprop": lambda: graphnorm.convert(base, stats, input_shape=(1, 3, 32, 32), mode="normprop"),
+        "graphnorm analytic": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="analytic"),
+        "graphnorm reparam": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="reparam"),
+        "graphnorm normprop": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="normprop"),
         "no normalization": lambda: without_batchnorm(base),
     }
     rows = []
     for batch in args.batches:
-        steps = {name: step_function(make(), batch) for name, make in variants.items()
-                 if not (batch == 1 and name == "BatchNorm")}
+        steps, failures = {}, {}
+        for name, make in variants.items():
+            step = step_function(make(), batch, args.size)
+            try:
+                step()
+            except (RuntimeError, ValueError) as err:  # BatchNorm cannot train on one value per channel
+                failures[name] = str(err).splitlines()[0]
+                continue
+            steps[name] = step
         medians = interleaved_medians(steps, args.repeats)
-        reference = medians.get("BatchNorm") or medians["no normalization"]
         for name, seconds in medians.items():
             rows.append({"batch": batch, "variant": name, "median_ms": seconds * 1e3,
-                         "ratio_to_batchnorm": seconds / reference if "BatchNorm" in medians else None,
+                         "ratio_to_batchnorm": seconds / medians["BatchNorm"] if "BatchNorm" in medians else None,
                          "ratio_to_no_norm": seconds / medians["no normalization"]})
+        rows += [{"batch": batch, "variant": name, "error": error} for name, error in failures.items()]
         if args.profile and batch == args.batches[-1]:
-            analytic = step_function(variants["graphnorm analytic"](), batch)
+            analytic = step_function(variants["graphnorm analytic"](), batch, args.size)
             analytic()
             profiler = cProfile.Profile()
             profiler.runcall(analytic)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    path = write_result("train_step_resnet18", {"repeats": args.repeats, "rows": rows})
+    path = write_result(f"train_step_resnet18_{args.size}", {"repeats": args.repeats, "size": args.size, "rows": rows})
     print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
     print("|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['ratio_to_batchnorm']:.2f}" if r["ratio_to_batchnorm"] is not None else "n/a (BN fails at B=1)"
+        if "error" in r:
+            print(f"| {r['batch']} | {r['variant']} | fails: {r['error'][:60]} | | |")
+            continue
+        ratio = f"{r['ratio_to_batchnorm']:.2f}" if r["ratio_to_batchnorm"] is not None else "n/a"
         print(f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} ms | {ratio} | {r['ratio_to_no_norm']:.2f} |")
     print(f"\nwritten to {path.relative_to(path.parents[2])}")
 

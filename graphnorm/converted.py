@@ -54,8 +54,9 @@ class StatisticsState:
         if not force and key is not None and key == self.cache_key:
             return
         if self.propagator is None:
+            targets = [name for _, name in self.analytic_sites + self.reparam_sites]
             self.propagator = MomentPropagator(model, self.input_shape, spatial=self.spatial,
-                                               concrete_args=self.concrete_args)
+                                               concrete_args=self.concrete_args, targets=targets)
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             table = self.propagator.run(self.stats)
         for module_name, input_name in self.analytic_sites:

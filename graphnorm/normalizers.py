@@ -85,16 +85,19 @@ class AnalyticNorm(nn.Module):
         if self.statistics is None:
             raise RuntimeError("AnalyticNorm has no statistics: call it through the model graphnorm.convert returned")
         mean, var = (t.to(x.dtype) for t in self.statistics)
-        y = (x - channel_view(mean, x)) * channel_view(torch.rsqrt(var + self.eps), x)
+        inverse_std = torch.rsqrt(var + self.eps)
         if self.training and self.stochastic_batch is not None:
-            scale, shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
+            y = (x - channel_view(mean, x)) * channel_view(inverse_std, x)
+            noise_scale, noise_shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
             view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-            y = y * scale.reshape(view) + shift.reshape(view)
-        if self.weight is not None:
-            y = y * channel_view(self.weight, x)
-        if self.bias is not None:
-            y = y + channel_view(self.bias, x)
-        return y
+            y = y * noise_scale.reshape(view) + noise_shift.reshape(view)
+            if self.weight is not None:
+                y = y * channel_view(self.weight, x)
+            return y if self.bias is None else y + channel_view(self.bias, x)
+        # One fused pass over the activation: y = x * scale + shift with per-channel scale and shift.
+        scale = inverse_std if self.weight is None else self.weight * inverse_std
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
 
     def extra_repr(self) -> str:
         noise = f", stochastic_batch={self.stochastic_batch}" if self.stochastic_batch else ""

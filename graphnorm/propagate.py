@@ -101,11 +101,14 @@ class MomentPropagator:
             statistics of its own input in training or without running statistics); "running" and "analytic"
             force one form for all.
         dtype: the dtype of the moments (default: that of the model's parameters).
+        targets: node names whose moments are wanted; the pass then runs only what they depend on (the
+            default runs every node).
     """
 
     def __init__(self, model: nn.Module, input_shape: Iterable[int], *, spatial: bool = False,
                  batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
-                 concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None):
+                 concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+                 targets: Iterable[str] | None = None):
         self.input_shape = tuple(int(size) for size in input_shape)
         if len(self.input_shape) < 2 or any(size < 1 for size in self.input_shape):
             raise GraphnormError(
@@ -120,6 +123,7 @@ class MomentPropagator:
         self.extra_inputs = _extra_inputs(self.graph_module, concrete_args or {})
         self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
         self.random_nodes = self._find_random_nodes()
+        self.needed = None if targets is None else self._ancestors(set(targets))
         self._check_rules()
         self.info = {
             node.name: NodeInfo(node.meta.get(OP_KEY), _module_path(node), self.shapes.get(node.name, ()))
@@ -144,6 +148,20 @@ class MomentPropagator:
             if is_call and not _is_static_query(node) and any(arg.name in random for arg in node.all_input_nodes):
                 random.add(node.name)
         return random
+
+    def _ancestors(self, targets: set[str]) -> set[str]:
+        """The nodes a pass must run to reach ``targets`` (the targets included)."""
+        nodes = {node.name: node for node in self.graph_module.graph.nodes}
+        unknown = sorted(targets - nodes.keys())
+        if unknown:
+            raise GraphnormError(f"targets {unknown} are not nodes of the traced graph")
+        needed, stack = set(), list(targets)
+        while stack:
+            name = stack.pop()
+            if name not in needed:
+                needed.add(name)
+                stack.extend(arg.name for arg in nodes[name].all_input_nodes)
+        return needed
 
     def _check_rules(self) -> None:
         missing = []
@@ -260,6 +278,8 @@ class _MomentInterpreter(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> Any:
         propagator = self.propagator
+        if propagator.needed is not None and node.name not in propagator.needed and node.op != "placeholder":
+            return None
         if node.name not in propagator.random_nodes or node.op == "placeholder":
             value = super().run_node(node)
             if isinstance(value, Moments):

@@ -177,11 +177,28 @@ def _clamp_rule(x: Moments, low: float | None, high: float | None) -> Moments:
 
 
 # -- piecewise polynomial activations ----------------------------------------------------------------------------
+def rectified_gaussian_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU of N(m, v) in closed form (the piecewise-polynomial result, written out because ReLU is the most
+    frequent op of a moment pass): with ``a = m/s``, mean ``s (a Phi(a) + phi(a))`` and variance
+    ``v (Phi(a) + a^2 Phi(a) Phi(-a) + a phi(a) (1 - 2 Phi(a)) - phi(a)^2)``, an arrangement of
+    ``(m^2 + v) Phi(a) + m s phi(a) - mean^2`` without the cancellation of ``a^2`` terms at large ``a``."""
+    std = safe_std(var)
+    a = mean / std
+    cdf, tail, density = torch.special.ndtr(a), torch.special.ndtr(-a), torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    out_mean = torch.where(tail > 0, std * (a * cdf + density), mean)  # far above 0 the ReLU is the identity
+    bounded = a.clamp(-Z_LIMIT, Z_LIMIT)  # beyond it phi and one of the tails vanish: no inf * 0
+    ratio = cdf + bounded * bounded * cdf * tail + bounded * density * (tail - cdf) - density * density
+    return out_mean, var * ratio.clamp_min(0)
+
+
+_RELU_PIECES = ([0.0], [[0.0], [0.0, 1.0]])
+
+
 @moment_rule("relu")
 def relu(x: Moments, **_) -> Moments:
-    """ReLU of a Gaussian (rectified Gaussian): mean ``m Phi(a) + s phi(a)``,
+    """ReLU of a Gaussian (rectified Gaussian; Frey & Hinton 1999): mean ``m Phi(a) + s phi(a)``,
     ``E[y^2] = (m^2 + v) Phi(a) + m s phi(a)``, ``a = m/s``. N(0, 1) gives (0.398942, 0.340845)."""
-    return _piecewise_rule(x, [0.0], [[0.0], [0.0, 1.0]], torch.relu, monotone=True)
+    return _elementwise(x, rectified_gaussian_moments, torch.relu, relu, _RELU_PIECES)
 
 
 @moment_rule("leaky_relu")

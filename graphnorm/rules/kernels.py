@@ -19,7 +19,7 @@ def _kernel_sums(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row sums and row sums of squares of ``flat [R, K]`` as a GEMV and a batched dot (no squared copy)."""
     ones = torch.ones(flat.shape[1], 1, dtype=flat.dtype, device=flat.device)
     sums = (flat @ ones).squeeze(1)
-    squares = torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).reshape(-1)
+    squares = torch.einsum("rk,rk->r", flat, flat)
     return sums, squares
 
 
