@@ -324,3 +324,12 @@ def test_training_at_batch_size_one_on_digits() -> None:
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
     assert accuracy >= 0.90, accuracy
+
+
+def test_an_original_checkpoint_loads_into_the_analytic_model() -> None:
+    model = conv_chain()
+    converted = convert(conv_chain(seed=1), "analytic")
+    result = converted.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert all(key.endswith(("running_mean", "running_var", "num_batches_tracked")) for key in result.unexpected_keys)
+    torch.testing.assert_close(converted.get_parameter("4.weight"), model.get_parameter("4.weight"))
