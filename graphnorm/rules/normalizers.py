@@ -18,12 +18,12 @@ from ..normalizers import (
     FixedBatchNorm,
     NormPropLayer,
     expected_noise_scale,
-    kernel_moments,
     stochastic_variance_factor,
 )
 from ..ops import register_instance_op, register_op
 from . import moment_rule
 from .affine import batch_norm, conv, linear
+from .kernels import kernel_moments as channel_kernel_moments
 
 REPARAM = "reparam"
 
@@ -89,19 +89,22 @@ def normprop_layer(x: Moments, *, module: NormPropLayer, out_shape: tuple[int, .
 @moment_rule(REPARAM)
 def reparameterized_layer(x: Moments, *, layer: nn.Module, out_shape: tuple[int, ...], **_) -> Moments:
     """A Linear/Conv with a BatchNorm folded into its weight: ``W_eff = gamma W/sigma``,
-    ``b_eff = beta - gamma mu/sigma`` with ``mu, sigma`` from *this* input's channel moments, then the affine
-    rule. Per channel the output is exactly ``(beta, gamma^2 (sigma^2 - eps)/sigma^2)``."""
-    weight_parametrization = layer.parametrizations.weight[0]
-    bias_parametrization = layer.parametrizations.bias[0]
+    ``b_eff = beta - gamma mu/sigma`` with ``mu = W m``, ``sigma^2 = (W*W) v + eps`` from *this* input's
+    channel moments. Per channel the output is exactly ``(beta, gamma^2 (sigma^2 - eps)/sigma^2)``; per unit,
+    the affine rule with ``W_eff`` and ``b_eff``."""
+    state = layer.parametrizations.weight[0].state
+    gamma = layer.parametrizations.weight[0].gamma
+    beta = layer.parametrizations.bias[0].beta
     raw = layer.parametrizations.weight.original
-    state = weight_parametrization.state
-    mu, sigma = kernel_moments(raw, x.mean, x.var, state.groups, state.eps)
-    gamma = weight_parametrization.gamma
-    scale = 1.0 / sigma if gamma is None else gamma / sigma
+    mu, spread = channel_kernel_moments(raw, x.mean, x.var, state.groups)
+    sigma2 = spread + state.eps
+    gamma2 = 1.0 if gamma is None else gamma.square()
+    if not x.is_per_unit:
+        mean = torch.zeros_like(mu) if beta is None else beta + torch.zeros_like(mu)
+        return Moments.per_channel(mean, gamma2 * spread / sigma2, tuple(out_shape))
+    scale = torch.rsqrt(sigma2) if gamma is None else gamma * torch.rsqrt(sigma2)
     weight = raw * scale.reshape((-1,) + (1,) * (raw.dim() - 1))
-    bias = -mu * scale
-    if bias_parametrization.beta is not None:
-        bias = bias + bias_parametrization.beta
+    bias = -mu * scale if beta is None else beta - mu * scale
     return _layer_rule(x, layer, weight, bias, out_shape)
 
 
