@@ -107,6 +107,13 @@ class AnalyticNorm(nn.Module):
         shift = -mean * scale if self.bias is None else self.bias - mean * scale
         return channel_affine(x, scale, shift)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep the statistics' values, not their autograd history."""
+        state = dict(super().__getstate__())
+        if state.get("statistics") is not None:
+            state["statistics"] = tuple(t.detach() for t in state["statistics"])
+        return state
+
     def extra_repr(self) -> str:
         noise = f", stochastic_batch={self.stochastic_batch}" if self.stochastic_batch else ""
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}{noise}"
@@ -175,6 +182,14 @@ class ReparamState:
     eps: float
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep mu and sigma's values, not their autograd history."""
+        state = dict(self.__dict__)
+        for name in ("mu", "sigma"):
+            if state[name] is not None:
+                state[name] = state[name].detach()
+        return state
 
     def update(self, input_mean: torch.Tensor, input_var: torch.Tensor) -> None:
         self.mu, self.sigma = kernel_moments(self.weight, input_mean, input_var, self.groups, self.eps)

@@ -101,7 +101,7 @@ class ConversionLog:
 
 
 @dataclass
-class _Site:
+class BatchNormSite:
     node: fx.Node
     module_path: str | None
     weight: nn.Parameter | None
@@ -130,7 +130,7 @@ def _resolve(graph_module: fx.GraphModule, value: Any) -> Any:
     return value
 
 
-def _find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: ConversionLog) -> list[_Site]:
+def find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: ConversionLog) -> list[BatchNormSite]:
     sites = []
     for node in graph_module.graph.nodes:
         if node.meta.get(OP_KEY) != "batch_norm":
@@ -141,7 +141,7 @@ def _find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conve
             continue
         if node.op == "call_module":
             module = graph_module.get_submodule(node.target)
-            sites.append(_Site(node, path, module.weight, module.bias, module.running_mean, module.running_var,
+            sites.append(BatchNormSite(node, path, module.weight, module.bias, module.running_mean, module.running_var,
                                module.eps))
             continue
         try:
@@ -152,9 +152,34 @@ def _find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conve
                                                      f"graph (node '{missing}'), not parameters or buffers"))
             continue
         _, params = spelling_of(node, graph_module).canonicalize(*args, **kwargs)
-        sites.append(_Site(node, None, params["weight"], params["bias"], params["running_mean"],
+        sites.append(BatchNormSite(node, None, params["weight"], params["bias"], params["running_mean"],
                            params["running_var"], float(params["eps"])))
     return sites
+
+
+def foldable_producer(graph_module: fx.GraphModule, node: fx.Node, shapes: dict[str, tuple[int, ...]],
+                      call_counts: Counter) -> tuple[fx.Node | None, str]:
+    """The Linear/Conv node whose output a per-channel normalization at ``node`` (channel dim 1) can be folded
+    into, or None and why not: the producer must be a Linear/Conv module called once, whose output only
+    ``node`` uses, and whose output channels are dim 1 (a Linear on ``(N, C, L)`` acts on L)."""
+    producer = node.args[0]
+    key = producer.meta.get(OP_KEY)
+    if producer.op != "call_module" or key not in ("conv", "linear"):
+        return None, "no Linear/Conv module directly before it"
+    if len(producer.users) != 1:
+        return None, f"the output of '{producer.target}' has other users"
+    if call_counts[str(producer.target)] != 1:
+        return None, f"module '{producer.target}' is called at several sites"
+    if parametrize.is_parametrized(graph_module.get_submodule(producer.target)):
+        return None, f"module '{producer.target}' is parametrized already"
+    if key == "linear" and len(shapes[producer.name]) != 1:
+        return None, "the Linear acts on the last dim but BatchNorm normalizes dim 1"
+    return producer, ""
+
+
+def call_counts(graph_module: fx.GraphModule) -> Counter:
+    """How many call sites each module path has in the graph."""
+    return Counter(str(n.target) for n in graph_module.graph.nodes if n.op == "call_module")
 
 
 class _Rewriter:
@@ -169,13 +194,13 @@ class _Rewriter:
         self.analytic_sites: list[tuple[str, str]] = []
         self.reparam_sites: list[tuple[str, str]] = []
         self._used_names: set[str] = set()
-        self._call_counts = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        self._call_counts = call_counts(graph_module)
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def _site_eps(self, site: _Site) -> float:
+    def _site_eps(self, site: BatchNormSite) -> float:
         return float(self.eps) if self.eps is not None else site.eps
 
-    def _install(self, site: _Site, module: nn.Module, suffix: str) -> str:
+    def _install(self, site: BatchNormSite, module: nn.Module, suffix: str) -> str:
         """Put ``module`` into the graph module: at the BatchNorm's own path for its first call site (so its
         parameter names stay the BatchNorm's), else under a fresh name."""
         base = site.module_path or f"{site.node.name}_{suffix}"
@@ -193,31 +218,17 @@ class _Rewriter:
         self.graph.erase_node(node)
         return new
 
-    def _input_moments(self, site: _Site) -> tuple[torch.Tensor, torch.Tensor]:
+    def _input_moments(self, site: BatchNormSite) -> tuple[torch.Tensor, torch.Tensor]:
         """Analytic moments of the site's input in the original graph (the starting statistics; a converted
         model recomputes them from its own graph before it runs)."""
         moments = self.table[site.input_name]
         return moments.mean.detach(), moments.var.detach()
 
-    def _foldable_producer(self, site: _Site, allow_linear_3d: bool = False) -> tuple[fx.Node | None, str]:
-        """The Linear/Conv node a BatchNorm can be folded into, or None and why not."""
-        producer = site.node.args[0]
-        key = producer.meta.get(OP_KEY)
-        if producer.op != "call_module" or key not in ("conv", "linear"):
-            return None, "no Linear/Conv module directly before it"
-        if len(producer.users) != 1:
-            return None, f"the output of '{producer.target}' has other users"
-        if self._call_counts[str(producer.target)] != 1:
-            return None, f"module '{producer.target}' is called at several sites"
-        layer = self.gm.get_submodule(producer.target)
-        if parametrize.is_parametrized(layer):
-            return None, f"module '{producer.target}' is parametrized already"
-        if key == "linear" and len(self.propagator.shapes[producer.name]) != 1:
-            return None, "the Linear acts on the last dim but BatchNorm normalizes dim 1"
-        return producer, ""
+    def _foldable_producer(self, site: BatchNormSite) -> tuple[fx.Node | None, str]:
+        return foldable_producer(self.gm, site.node, self.propagator.shapes, self._call_counts)
 
     # -- the rewrites ----------------------------------------------------------------------------------------------
-    def analytic(self, site: _Site, stochastic_batch: int | None, detail: str = "") -> None:
+    def analytic(self, site: BatchNormSite, stochastic_batch: int | None, detail: str = "") -> None:
         x = site.node.args[0]
         channels = self.propagator.shapes[site.input_name][0]
         norm = AnalyticNorm(channels, site.weight, site.bias, self._site_eps(site), stochastic_batch)
@@ -227,13 +238,13 @@ class _Rewriter:
         self.analytic_sites.append((name, x.name))
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "analytic", detail))
 
-    def fixed(self, site: _Site) -> None:
+    def fixed(self, site: BatchNormSite) -> None:
         mean, var = self._input_moments(site)
         name = self._install(site, FixedBatchNorm(mean, var, site.weight, site.bias, self._site_eps(site)), "fixed")
         self._replace_node(site.node, name, site.node.args[0])
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed"))
 
-    def reparam(self, site: _Site, stochastic_batch: int | None) -> None:
+    def reparam(self, site: BatchNormSite, stochastic_batch: int | None) -> None:
         producer, why_not = self._foldable_producer(site)
         if producer is None:
             self.analytic(site, stochastic_batch, f"fallback: {why_not}")
@@ -262,13 +273,13 @@ class _Rewriter:
             detail += f", BatchNorm noise of batch {stochastic_batch} after it"
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "reparam", detail))
 
-    def normprop(self, site: _Site, c: float) -> None:
+    def normprop(self, site: BatchNormSite, c: float) -> None:
         producer, why_not = self._foldable_producer(site)
         if producer is None:
             self.analytic(site, None, f"fallback: {why_not}")
             return
         layer = self.gm.get_submodule(producer.target)
-        name = self._install(_Site(producer, str(producer.target), None, None, None, None, 0.0),
+        name = self._install(BatchNormSite(producer, str(producer.target), None, None, None, None, 0.0),
                              NormPropLayer(layer, site.weight, site.bias, c), "normprop")
         new = self._replace_node(producer, name, producer.args[0])
         site.node.replace_all_uses_with(new)
@@ -277,7 +288,7 @@ class _Rewriter:
         users = list(new.users)
         if len(users) == 1 and users[0].meta.get(OP_KEY) == "relu":
             relu = users[0]
-            correction = self._install(_Site(relu, f"{relu.name}_normprop", None, None, None, None, 0.0),
+            correction = self._install(BatchNormSite(relu, f"{relu.name}_normprop", None, None, None, None, 0.0),
                                        ChannelAffine(1.0 / RELU_STD, -RELU_MEAN / RELU_STD), "correction")
             with self.graph.inserting_after(relu):
                 corrected = self.graph.call_module(correction, (relu,))
@@ -324,7 +335,7 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         table = propagator.run(stats)
     log = ConversionLog(mode)
     rewriter = _Rewriter(graph_module, propagator, table, eps, log)
-    for site in _find_sites(graph_module, propagator.random_nodes, log):
+    for site in find_sites(graph_module, propagator.random_nodes, log):
         if mode == "analytic":
             rewriter.analytic(site, stochastic_batch)
         elif mode == "fixed":
