@@ -7,6 +7,8 @@ functions of the weights, not of the batch.
 
 from .converted import ConvertedModule
 from .errors import GraphnormError, InputStatsError, RuleError, TraceError, UnsupportedOpError
+from .export import ExportError, ExportResult, VerificationError, export_onnx
+from .freeze import freeze
 from .moments import Moments
 from .ops import register_op
 from .propagate import MomentPropagator, MomentTable, propagate
@@ -21,6 +23,8 @@ __all__ = [
     "RULES",
     "ConversionLog",
     "ConvertedModule",
+    "ExportError",
+    "ExportResult",
     "GraphnormError",
     "InputStats",
     "InputStatsError",
@@ -32,8 +36,11 @@ __all__ = [
     "Skip",
     "TraceError",
     "UnsupportedOpError",
+    "VerificationError",
     "__version__",
     "convert",
+    "export_onnx",
+    "freeze",
     "moment_rule",
     "propagate",
     "register_op",
