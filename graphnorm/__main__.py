@@ -1,0 +1,5 @@
+"""``python -m graphnorm``: the command line."""
+
+from .cli import main
+
+main()

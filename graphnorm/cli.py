@@ -1,0 +1,222 @@
+"""The ``graphnorm`` command line: thin click commands over the library.
+
+Exit codes: 0 success; 1 conversion, export or verification failure; 2 usage error (bad options, a model or
+file that cannot be loaded as given). Errors are one or two lines; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import GraphnormError
+from .loading import LoadedModel, ModelLoadError, load_input_data, load_model, save_converted
+from .stats import InputStats
+
+MODES = ("analytic", "reparam", "normprop", "fixed")
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint=name) from err
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError as err:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of sizes, e.g. 1,3,224,224",
+                                 param_hint="--input-shape") from err
+    if len(shape) < 2 or any(size < 1 for size in shape):
+        raise click.BadParameter(f"'{text}' needs a batch and a channel size, all positive, e.g. 1,3,224,224",
+                                 param_hint="--input-shape")
+    return shape
+
+
+def _usage(error: GraphnormError) -> click.UsageError:
+    return click.UsageError(str(error).splitlines()[0])
+
+
+class _Run:
+    """Shared state of one command: console output, quiet/json/debug flags, progress."""
+
+    def __init__(self, quiet: bool, as_json: bool, debug: bool):
+        self.quiet, self.as_json, self.debug = quiet, as_json, debug
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False)
+        self.notes: list[str] = []
+
+    def step(self, message: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` under a spinner on stderr (shown only on a terminal, and not when quiet)."""
+        if self.quiet or not self.err.is_terminal:
+            return fn()
+        with self.err.status(message):
+            return fn()
+
+
+def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float] | None, std: list[float] | None,
+                   data: str | None, run: _Run) -> InputStats:
+    if data is not None:
+        if mean is not None or std is not None:
+            raise click.UsageError("give either --input-data or --input-mean/--input-std, not both")
+        try:
+            return InputStats.from_data(load_input_data(data))
+        except GraphnormError as err:
+            raise _usage(err) from err
+    mean = mean if mean is not None else loaded.defaults.get("input_mean")
+    std = std if std is not None else loaded.defaults.get("input_std")
+    if mean is None and std is None:
+        run.notes.append("no input statistics given: assumed N(0, 1) in every channel")
+        return InputStats.standard(shape[1])
+    try:
+        stats = InputStats(mean if mean is not None else 0.0, std if std is not None else 1.0)
+        stats.validate_for(shape)
+    except GraphnormError as err:
+        raise _usage(err) from err
+    return stats
+
+
+def _summary_table(log: Any, export: Any, seconds: float, output: Path) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    counts = ", ".join(f"{n} {form}" for form, n in log.counts.items()) or "none"
+    table.add_row("BatchNorm call sites", f"{len(log.rewritten)} rewritten ({counts}), {len(log.skipped)} skipped")
+    for skip in log.skipped:
+        table.add_row("  skipped", f"{skip.node}: {skip.reason}")
+    for rewrite in log.rewritten:
+        if rewrite.detail.startswith("fallback"):
+            table.add_row("  fallback", f"{rewrite.node} -> {rewrite.form} ({rewrite.detail})")
+    if export is not None:
+        table.add_row("ONNX ops", ", ".join(f"{op} {n}" for op, n in sorted(export.op_counts.items())))
+        table.add_row("ONNX opset", str(export.opset))
+        if export.diffs:
+            worst = max(export.diffs, key=lambda d: d["max_abs"])
+            batches = sorted({d["batch"] for d in export.diffs})
+            worst_rel = max(d["max_rel"] for d in export.diffs)
+            table.add_row("verified", f"onnxruntime vs PyTorch at batch sizes {batches}: max abs diff "
+                                      f"{worst['max_abs']:.2e}, max rel diff {worst_rel:.2e}")
+        else:
+            table.add_row("verified", "no (--no-verify)")
+    table.add_row("written", str(output))
+    table.add_row("time", f"{seconds:.1f} s")
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="graphnorm")
+def main() -> None:
+    """graphnorm: batch-independent normalization by analytic moment propagation."""
+
+
+@main.command("convert")
+@click.argument("model_source", metavar="MODEL")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(MODES), default="analytic", show_default=True,
+              help="What every BatchNorm becomes (docs/convert.md).")
+@click.option("--input-shape",
+              help="Shape of one input batch, e.g. 1,3,224,224 (default: from a graphnorm checkpoint).")
+@click.option("--input-mean", help="Per-channel input mean, comma-separated.")
+@click.option("--input-std", help="Per-channel input std, comma-separated.")
+@click.option("--input-data", type=click.Path(dir_okay=False),
+              help="Samples (.npy/.npz/.pt) to compute input statistics from.")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="state_dict file for an import-spec MODEL (loaded weights-only).")
+@click.option("--trust-pickle", is_flag=True, help="Allow MODEL to be a pickled module file (runs its code).")
+@click.option("--stochastic-batch", type=click.IntRange(min=4),
+              help="Add BatchNorm-like noise of this virtual batch size in training.")
+@click.option("--normprop-c", type=click.FloatRange(min=0, min_open=True), default=1.21, show_default=True,
+              help="NormProp's constant c.")
+@click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images).")
+@click.option("--leaf-module", "leaf_modules", multiple=True,
+              help="Module path to keep as one call when tracing (repeatable).")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--legacy-exporter", is_flag=True, help="Use the TorchScript ONNX exporter instead of the dynamo one.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the ONNX file with onnxruntime.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--debug", is_flag=True, help="Show the Python traceback of errors.")
+def convert_command(model_source: str, output: Path, mode: str, input_shape: str | None, input_mean: str | None,
+                    input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
+                    stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
+                    opset: int | None, legacy_exporter: bool, verify: bool, force: bool, as_json: bool, quiet: bool,
+                    debug: bool) -> None:
+    """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
+
+    MODEL is an import spec (package.module:attr naming a module or a function returning one, e.g.
+    torchvision.models:resnet18), a graphnorm checkpoint .pt, or, with --trust-pickle, a pickled module.
+    """
+    run = _Run(quiet, as_json, debug)
+    if output.suffix not in (".onnx", ".pt"):
+        raise click.BadParameter("OUTPUT must end in .onnx or .pt", param_hint="OUTPUT")
+    if output.exists() and not force:
+        raise click.UsageError(f"{output} exists; pass --force to overwrite it")
+    mean, std = _floats(input_mean, "--input-mean"), _floats(input_std, "--input-std")
+    shape = _shape(input_shape)
+    try:
+        loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights,
+                                                                   trust_pickle=trust_pickle))
+    except ModelLoadError as err:
+        raise _usage(err) from err
+    if shape is None:
+        if "input_shape" not in loaded.defaults:
+            raise click.UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
+        shape = tuple(int(s) for s in loaded.defaults["input_shape"])
+    stats = _resolve_stats(loaded, shape, mean, std, input_data, run)
+    if output.suffix == ".pt" and loaded.spec is None:
+        raise click.UsageError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
+    _execute(run, loaded, output, stats, shape, mode=mode, stochastic_batch=stochastic_batch, normprop_c=normprop_c,
+             spatial=spatial, leaf_modules=leaf_modules, opset=opset, legacy=legacy_exporter, verify=verify)
+
+
+def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, shape: tuple[int, ...], *,
+             mode: str, stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
+             opset: int | None, legacy: bool, verify: bool) -> None:
+    from .export import export_onnx
+    from .rewrite import convert
+
+    start = time.perf_counter()
+    kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch,
+              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules)}
+    try:
+        converted = run.step(f"converting ({mode})", lambda: convert(loaded.model, stats, **kwargs))
+        export = None
+        if output.suffix == ".onnx":
+            export = run.step("exporting to ONNX and verifying", lambda: export_onnx(
+                converted, output, input_shape=shape, opset=opset, verify=verify, legacy=legacy))
+        else:
+            save_converted(output, converted, spec=loaded.spec or "", convert_kwargs=kwargs, stats=stats)
+    except GraphnormError as err:
+        if run.debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    seconds = time.perf_counter() - start
+    log = converted.graphnorm_log
+    if run.as_json:
+        payload = {"output": str(output), "mode": mode, "input_shape": list(shape),
+                   "input_mean": stats.mean.tolist(), "input_std": stats.std.tolist(), "notes": run.notes,
+                   "conversion": log.to_dict(), "export": export.to_dict() if export is not None else None,
+                   "seconds": seconds}
+        click.echo(json.dumps(payload, indent=2))
+    elif not run.quiet:
+        for note in run.notes:
+            run.out.print(f"note: {note}")
+        run.out.print(_summary_table(log, export, seconds, output))
