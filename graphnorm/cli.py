@@ -149,6 +149,8 @@ def main() -> None:
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--legacy-exporter", is_flag=True, help="Use the TorchScript ONNX exporter instead of the dynamo one.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the ONNX file with onnxruntime.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Verification rtol.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Verification atol.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -156,8 +158,8 @@ def main() -> None:
 def convert_command(model_source: str, output: Path, mode: str, input_shape: str | None, input_mean: str | None,
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
                     stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
-                    opset: int | None, legacy_exporter: bool, verify: bool, force: bool, as_json: bool, quiet: bool,
-                    debug: bool) -> None:
+                    opset: int | None, legacy_exporter: bool, verify: bool, rtol: float, atol: float, force: bool,
+                    as_json: bool, quiet: bool, debug: bool) -> None:
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
 
     MODEL is an import spec (package.module:attr naming a module or a function returning one, e.g.
@@ -183,12 +185,13 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
     if output.suffix == ".pt" and loaded.spec is None:
         raise click.UsageError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
     _execute(run, loaded, output, stats, shape, mode=mode, stochastic_batch=stochastic_batch, normprop_c=normprop_c,
-             spatial=spatial, leaf_modules=leaf_modules, opset=opset, legacy=legacy_exporter, verify=verify)
+             spatial=spatial, leaf_modules=leaf_modules, opset=opset, legacy=legacy_exporter, verify=verify,
+             tolerances=(rtol, atol))
 
 
 def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, shape: tuple[int, ...], *,
              mode: str, stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
-             opset: int | None, legacy: bool, verify: bool) -> None:
+             opset: int | None, legacy: bool, verify: bool, tolerances: tuple[float, float]) -> None:
     from .export import export_onnx
     from .rewrite import convert
 
@@ -200,13 +203,16 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, sh
         export = None
         if output.suffix == ".onnx":
             export = run.step("exporting to ONNX and verifying", lambda: export_onnx(
-                converted, output, input_shape=shape, opset=opset, verify=verify, legacy=legacy))
+                converted, output, input_shape=shape, opset=opset, verify=verify, legacy=legacy,
+                rtol=tolerances[0], atol=tolerances[1]))
         else:
             save_converted(output, converted, spec=loaded.spec or "", convert_kwargs=kwargs, stats=stats)
     except GraphnormError as err:
         if run.debug:
             traceback.print_exc()
         click.echo(f"error: {err}", err=True)
+        if not run.debug:
+            click.echo("(run with --debug for the traceback)", err=True)
         sys.exit(1)
     seconds = time.perf_counter() - start
     log = converted.graphnorm_log

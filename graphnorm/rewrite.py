@@ -299,7 +299,9 @@ class _Rewriter:
     def standardize_input(self, stats: InputStats) -> None:
         placeholder = next(n for n in self.graph.nodes if n.op == "placeholder")
         name = "graphnorm_input_standardization"
-        self.gm.add_submodule(name, ChannelAffine((1.0 / stats.std).float(), (-stats.mean / stats.std).float()))
+        # A channel that is constant in the data (std 0) carries no information: it is mapped to 0.
+        inverse = torch.where(stats.std > 0, 1.0 / stats.std.clamp_min(1e-300), torch.zeros_like(stats.std))
+        self.gm.add_submodule(name, ChannelAffine(inverse.float(), (-stats.mean * inverse).float()))
         with self.graph.inserting_after(placeholder):
             standardized = self.graph.call_module(name, (placeholder,))
         placeholder.replace_all_uses_with(standardized, delete_user_cb=lambda user: user is not standardized)
