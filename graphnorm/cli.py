@@ -39,7 +39,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError as err:
         raise click.BadParameter(f"'{text}' is not a comma-separated list of sizes, e.g. 1,3,224,224",
                                  param_hint="--input-shape") from err

@@ -1,0 +1,183 @@
+"""graphnorm's command line: every option, every exit code, refusals, through click's CliRunner and once for
+real as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import graphnorm
+from graphnorm.cli import main
+from graphnorm.loading import load_converted
+from graphnorm.zoo import DigitsCNN
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+DIGITS = os.path.join(FIXTURES, "digits_cnn.pt")
+SAMPLE = os.path.join(FIXTURES, "digits_sample.npy")
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "reparam", "normprop", "fixed"])
+def test_convert_fixture_to_onnx_in_every_mode(mode: str, tmp_path) -> None:
+    out = tmp_path / "digits.onnx"
+    result = run("convert", DIGITS, out, "--mode", mode)
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    assert "BatchNorm call sites" in result.output and f"({'2 ' + mode})" in result.output
+    assert "verified" in result.output and "batch sizes [2, 3]" in result.output
+
+
+def test_json_summary_and_quiet(tmp_path) -> None:
+    result = run("convert", DIGITS, tmp_path / "a.onnx", "--json")
+    assert result.exit_code == 0
+    summary = json.loads(result.output)
+    assert summary["conversion"]["counts"] == {"analytic": 2}
+    assert summary["export"]["op_counts"]["Conv"] == 2 and "BatchNormalization" not in summary["export"]["op_counts"]
+    assert summary["input_shape"] == [1, 1, 8, 8] and summary["notes"] == []
+    quiet = run("convert", DIGITS, tmp_path / "b.onnx", "-q")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_refuses_to_overwrite_without_force(tmp_path) -> None:
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"keep me")
+    result = run("convert", DIGITS, out)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"keep me"
+    assert run("convert", DIGITS, out, "--force").exit_code == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_refuses_to_unpickle_without_trust_pickle(tmp_path) -> None:
+    pickled = tmp_path / "model.pt"
+    torch.save(DigitsCNN().eval(), pickled)
+    refused = run("convert", pickled, tmp_path / "x.onnx", "--input-shape", "1,1,8,8")
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output and "arbitrary code" in refused.output
+    assert not (tmp_path / "x.onnx").exists()
+    trusted = run("convert", pickled, tmp_path / "x.onnx", "--input-shape", "1,1,8,8", "--trust-pickle")
+    assert trusted.exit_code == 0, trusted.output
+    assert "assumed N(0, 1)" in trusted.output
+
+
+def test_import_spec_with_weights(tmp_path) -> None:
+    weights = tmp_path / "weights.pt"
+    torch.save(DigitsCNN().state_dict(), weights)
+    ok = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "a.onnx", "--weights", weights, "--input-shape", "1,1,8,8",
+             "--input-mean", "0.3", "--input-std", "0.4")
+    assert ok.exit_code == 0, ok.output
+    torch.save({"head.weight": torch.zeros(3)}, weights)
+    bad = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "b.onnx", "--weights", weights, "--input-shape",
+              "1,1,8,8")
+    assert bad.exit_code == 2 and "does not fit the model" in bad.output
+
+
+def test_input_data_gives_the_statistics(tmp_path) -> None:
+    result = run("convert", DIGITS, tmp_path / "a.onnx", "--input-data", SAMPLE, "--json")
+    assert result.exit_code == 0, result.output
+    data = np.load(SAMPLE)
+    assert json.loads(result.output)["input_mean"][0] == pytest.approx(float(data.mean()), rel=1e-6)
+    both = run("convert", DIGITS, tmp_path / "b.onnx", "--input-data", SAMPLE, "--input-mean", "0.1")
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input-shape", "1,x,8"], "comma-separated list of sizes"),
+        (["--input-shape", "1"], "needs a batch and a channel"),
+        (["--input-mean", "0.1,abc"], "comma-separated list of numbers"),
+        (["--input-std", "-1"], ">= 0"),
+        (["--input-mean", "0.1,0.2", "--input-std", "1,1"], "2 channels but input_shape"),
+        (["--mode", "magic"], "Invalid value for '--mode'"),
+        (["--stochastic-batch", "2"], "Invalid value for '--stochastic-batch'"),
+        (["--input-data", "missing.npy"], "no such file"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message, tmp_path) -> None:
+    result = run("convert", DIGITS, tmp_path / "x.onnx", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "message"),
+    [
+        ("graphnorm.zoo:Missing", "x.onnx", "has no attribute"),
+        ("no_such_package.models:net", "x.onnx", "cannot import"),
+        ("resnet18", "x.onnx", "not an import spec"),
+        (DIGITS, "x.txt", "must end in .onnx or .pt"),
+        ("graphnorm.zoo:DigitsCNN", "x.onnx", "--input-shape is required"),
+    ],
+)
+def test_bad_models_and_outputs(model, output, message, tmp_path) -> None:
+    result = run("convert", model, tmp_path / output)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_conversion_failure_exits_1_in_one_line_and_debug_shows_the_traceback(tmp_path) -> None:
+    args = ["convert", "torch.nn:LayerNorm", tmp_path / "x.onnx", "--input-shape", "1,4"]
+    # LayerNorm() needs an argument: a usage error. A model without a moment rule: a conversion failure.
+    assert run(*args).exit_code == 2
+    failing = ["convert", "graphnorm.zoo:DigitsCNN", tmp_path / "y.onnx", "--input-shape", "1,1,8,8", "--rtol", "0",
+               "--atol", "0"]
+    result = run(*failing)
+    assert result.exit_code == 1 and "error: onnxruntime differs" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "y.onnx").exists()
+    debug = CliRunner().invoke(main, [str(a) for a in [*failing, "--debug"]])
+    assert debug.exit_code == 1 and "Traceback" in debug.output
+
+
+def test_pt_output_rebuilds_the_converted_model(tmp_path) -> None:
+    out = tmp_path / "digits_converted.pt"
+    result = run("convert", DIGITS, out, "--mode", "reparam", "--stochastic-batch", "16")
+    assert result.exit_code == 0, result.output
+    rebuilt = load_converted(out).eval()
+    original = graphnorm.loading.load_model(DIGITS)
+    stats = graphnorm.InputStats(original.defaults["input_mean"], original.defaults["input_std"])
+    expected = graphnorm.convert(original.model, stats, input_shape=(1, 1, 8, 8), mode="reparam").eval()
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(rebuilt(x), expected(x))
+
+
+def test_options_reach_the_conversion(tmp_path) -> None:
+    result = run("convert", DIGITS, tmp_path / "a.onnx", "--leaf-module", "features.0", "--opset", "18",
+                 "--no-verify", "--spatial", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["export"]["opset"] == 18 and summary["export"]["diffs"] == []
+    legacy = run("convert", DIGITS, tmp_path / "b.onnx", "--legacy-exporter", "--opset", "17")
+    assert legacy.exit_code == 0, legacy.output
+
+
+def test_version_and_help() -> None:
+    assert run("--version").output.strip() == f"graphnorm, version {graphnorm.__version__}"
+    helptext = run("convert", "--help").output
+    for option in ("--mode", "--input-shape", "--input-mean", "--input-std", "--input-data", "--stochastic-batch",
+                   "--leaf-module", "--opset", "--verify / --no-verify", "--force", "--json", "--quiet", "--weights",
+                   "--trust-pickle", "--debug"):
+        assert option in helptext, option
+
+
+def test_console_script_and_module_run_for_real(tmp_path) -> None:
+    scripts = os.path.dirname(sys.executable)
+    out = tmp_path / "real.onnx"
+    completed = subprocess.run([os.path.join(scripts, "graphnorm"), "convert", DIGITS, str(out), "--json"],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["output"] == str(out) and out.exists()
+    refused = subprocess.run([os.path.join(scripts, "graphnorm"), "convert", DIGITS, str(out)], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    module = subprocess.run([sys.executable, "-m", "graphnorm", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0 and graphnorm.__version__ in module.stdout
