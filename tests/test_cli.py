@@ -72,8 +72,8 @@ def test_refuses_to_unpickle_without_trust_pickle(tmp_path) -> None:
 def test_import_spec_with_weights(tmp_path) -> None:
     weights = tmp_path / "weights.pt"
     torch.save(DigitsCNN().state_dict(), weights)
-    ok = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "a.onnx", "--weights", weights, "--input-shape", "1,1,8,8",
-             "--input-mean", "0.3", "--input-std", "0.4")
+    ok = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "a.onnx", "--weights", weights, "--input-shape",
+             "1,1,8,8", "--input-mean", "0.3", "--input-std", "0.4")
     assert ok.exit_code == 0, ok.output
     torch.save({"head.weight": torch.zeros(3)}, weights)
     bad = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "b.onnx", "--weights", weights, "--input-shape",

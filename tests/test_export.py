@@ -69,7 +69,7 @@ def test_torchvision_round_trip(name: str, modes: list[str], tmp_path) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None)
     for mode in modes:
-        result, ops = _round_trip(model, InputStats.standard(3), (1, 3, 32, 32), mode, tmp_path)
+        _, ops = _round_trip(model, InputStats.standard(3), (1, 3, 32, 32), mode, tmp_path)
         assert "Conv" in ops
         (tmp_path / f"{mode}.onnx").unlink()
 
