@@ -1,0 +1,81 @@
+"""Convert + export + verify as a whole process, and onnxruntime latency of the exported converted model next
+to the original model exported in eval mode (its BatchNorm folded), measured side by side.
+
+    python benchmarks/export.py                      # resnet18 and resnet50 at 224x224, 3 process runs each
+    python benchmarks/export.py --models resnet18 --runs 5 --latency-repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+import torchvision
+from common import interleaved_medians, write_result
+
+import graphnorm
+
+IMAGENET = ["--input-mean", "0.485,0.456,0.406", "--input-std", "0.229,0.224,0.225"]
+
+
+def whole_process(model: str, out: Path, runs: int) -> list[float]:
+    command = [sys.executable, "-m", "graphnorm", "convert", f"torchvision.models:{model}", str(out),
+               "--input-shape", "1,3,224,224", *IMAGENET, "--force", "-q"]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency(converted_path: Path, original_path: Path, repeats: int) -> dict[str, float]:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    paths = {"converted (graphnorm)": converted_path, "original (eval BatchNorm)": original_path}
+    sessions = {name: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in paths.items()}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+    return interleaved_medians(calls, repeats, warmup=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--latency-repeats", type=int, default=30)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            converted_path = Path(folder) / f"{name}_converted.onnx"
+            times = whole_process(name, converted_path, args.runs)
+            torch.manual_seed(0)
+            original = getattr(torchvision.models, name)(weights=None).eval()
+            original_path = Path(folder) / f"{name}_original.onnx"
+            graphnorm.export_onnx(original, original_path, input_shape=(1, 3, 224, 224))
+            medians = latency(converted_path, original_path, args.latency_repeats)
+            ratio = medians["converted (graphnorm)"] / medians["original (eval BatchNorm)"]
+            rows.append({"model": name, "process_seconds": times, "process_median_s": statistics.median(times),
+                         "ort_median_ms": {k: v * 1e3 for k, v in medians.items()}, "ort_ratio": ratio})
+    path = write_result("export", {"runs": args.runs, "latency_repeats": args.latency_repeats, "rows": rows})
+    print("| model | convert+export+verify (process, median) | ORT converted | ORT original | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ort = r["ort_median_ms"]
+        print(f"| {r['model']} | {r['process_median_s']:.1f} s | {ort['converted (graphnorm)']:.1f} ms | "
+              f"{ort['original (eval BatchNorm)']:.1f} ms | {r['ort_ratio']:.3f} |")
+    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+
+
+if __name__ == "__main__":
+    main()
