@@ -32,6 +32,7 @@ from .errors import GraphnormError
 from .normalizers import AnalyticNorm, BatchNoise, ChannelAffine, NormPropLayer
 from .propagate import MomentPropagator
 from .rewrite import ConversionLog, call_counts, find_sites, foldable_producer
+from .rules.affine import batch_norm_affine
 from .trace import tag_op_keys, trace
 
 __all__ = ["freeze"]
@@ -70,14 +71,9 @@ def _plain_layers(graph_module: fx.GraphModule) -> None:
             graph_module.add_submodule(str(node.target), _plain_layer(module, module.weight, module.bias))
 
 
-def _affine_of(scale_source: torch.Tensor | None, shift_source: torch.Tensor | None, mean: torch.Tensor,
-               var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = torch.rsqrt(var + eps)
-    if scale_source is not None:
-        scale = scale * scale_source
-    shift = -mean * scale
-    if shift_source is not None:
-        shift = shift + shift_source
+def _affine_of(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = batch_norm_affine(mean, var, eps, weight, bias)
     return scale.detach(), shift.detach()
 
 

@@ -13,37 +13,9 @@ from typing import Any
 import torch
 from torch import fx
 
+from .stats import ChannelAccumulator
+
 __all__ = ["ChannelAccumulator", "measure"]
-
-
-class ChannelAccumulator:
-    """Streaming per-channel (dim 1) mean and population variance of tensors ``[N, C, ...]`` or ``[N, F]``."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, batch: torch.Tensor) -> None:
-        values = batch.detach().to(torch.float64).transpose(0, 1).reshape(batch.shape[1], -1)
-        count = values.shape[1]
-        if count == 0:
-            return
-        mean = values.mean(dim=1)
-        m2 = (values - mean[:, None]).square().sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
-        self.count = total
-
-    @property
-    def var(self) -> torch.Tensor:
-        assert self.m2 is not None, "no data was added"
-        return self.m2 / self.count
 
 
 class _Recorder(fx.Interpreter):

@@ -17,7 +17,7 @@ import torch
 
 from .errors import InputStatsError
 
-__all__ = ["InputStats"]
+__all__ = ["ChannelAccumulator", "InputStats"]
 
 
 def _as_vector(name: str, value: Any) -> torch.Tensor:
@@ -86,7 +86,7 @@ class InputStats:
         ``data`` is a tensor or array ``[N, C, ...]`` (or ``[N, F]``), or an iterable of such batches, or of
         ``(x, y, ...)`` tuples whose first element is the batch (a DataLoader works).
         """
-        accumulator = _ChannelMoments()
+        accumulator = _ValidatedChannelMoments()
         for batch in _batches(data):
             accumulator.add(batch)
         return accumulator.result()
@@ -135,8 +135,9 @@ def _batches(data: Any) -> Iterable[torch.Tensor]:
         yield torch.as_tensor(item)
 
 
-class _ChannelMoments:
-    """Streaming per-channel count, mean and sum of squared deviations (Chan et al. parallel merge)."""
+class ChannelAccumulator:
+    """Streaming per-channel (dim 1) count, mean and sum of squared deviations of batches ``[N, C, ...]``,
+    merged in float64 with the parallel update of Chan, Golub & LeVeque (1979)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -144,32 +145,45 @@ class _ChannelMoments:
         self.m2: torch.Tensor | None = None
 
     def add(self, batch: torch.Tensor) -> None:
-        if batch.dim() < 2:
-            raise InputStatsError(
-                f"a data batch must have a batch dim and a channel dim [N, C, ...], got shape {tuple(batch.shape)}"
-            )
         values = batch.detach().to(torch.float64).transpose(0, 1).reshape(batch.shape[1], -1)
-        if not torch.isfinite(values).all():
-            raise InputStatsError("data holds NaN or infinite values; clean the data before computing statistics")
         count = values.shape[1]
         if count == 0:
             return
         mean = values.mean(dim=1)
         m2 = (values - mean[:, None]).square().sum(dim=1)
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
         if mean.numel() != self.mean.numel():
             raise InputStatsError(
-                f"data batches disagree on the channel count: {self.mean.numel()} then {mean.numel()}"
-            )
+                f"data batches disagree on the channel count: {self.mean.numel()} then {mean.numel()}")
         total = self.count + count
         delta = mean - self.mean
         self.mean = self.mean + delta * (count / total)
         self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
         self.count = total
 
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel."""
+        if self.m2 is None:
+            raise InputStatsError("no data was added")
+        return self.m2 / self.count
+
+
+class _ValidatedChannelMoments(ChannelAccumulator):
+    """:class:`ChannelAccumulator` for user data: checks shapes and finiteness, gives :class:`InputStats`."""
+
+    def add(self, batch: torch.Tensor) -> None:
+        if batch.dim() < 2:
+            raise InputStatsError(
+                f"a data batch must have a batch dim and a channel dim [N, C, ...], got shape {tuple(batch.shape)}"
+            )
+        if not torch.isfinite(batch).all():
+            raise InputStatsError("data holds NaN or infinite values; clean the data before computing statistics")
+        super().add(batch)
+
     def result(self) -> InputStats:
         if self.mean is None or self.m2 is None or self.count < 2:
             raise InputStatsError("data holds fewer than 2 values per channel; give more samples")
-        return InputStats(self.mean, var=self.m2 / self.count)
+        return InputStats(self.mean, var=self.var)

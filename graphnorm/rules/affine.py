@@ -129,6 +129,19 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
+def batch_norm_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm with statistics ``(mean, var)`` as a per-channel affine ``x * scale + shift``:
+    ``scale = weight/sqrt(var + eps)``, ``shift = bias - mean * scale``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 @moment_rule("batch_norm")
 def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
@@ -144,12 +157,7 @@ def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: to
         center, spread = x.mean, x.var
     else:
         center, spread = running_mean, running_var
-    scale = torch.rsqrt(spread + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -center * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = batch_norm_affine(center, spread, eps, weight, bias)
     mean = x.loc * _channel_vector(scale, x.loc) + _channel_vector(shift, x.loc)
     var = x.spread * _channel_vector(scale * scale, x.spread)
     return Moments(mean, var, x.shape)
