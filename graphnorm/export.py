@@ -5,13 +5,17 @@ exported with the torch.onnx exporter (the dynamo exporter by default; ``legacy=
 one) on a sample batch of at least 2, so the batch dim stays dynamic. The weights are stored inside the file.
 ``onnx.checker.check_model(full_check=True)`` validates it; then onnxruntime runs it on random inputs at two
 batch sizes and its outputs are compared with the *given* model's in eval mode, so the freezing is verified
-too. The file is written to a temporary name next to the target and renamed at the end: a failure never
+too. An element passes when ``|ort - torch| <= atol + rtol |torch| + 2 r``, where ``r`` is PyTorch's own
+float32 rounding error on that output (its largest difference from the same model run in float64): deep
+float32 networks differ between two correct implementations by about that much, and a wrong graph by far
+more. The file is written to a temporary name next to the target and renamed at the end: a failure never
 leaves a partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import tempfile
@@ -150,18 +154,25 @@ def _verify(model: nn.Module, path: str, input_shape: tuple[int, ...], export_ba
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     batches = [export_batch, export_batch + 1] if dynamic_batch else [export_batch]
+    exact = copy.deepcopy(model).double().eval()
     diffs = []
     for seed, batch in enumerate(batches, start=1):
         sample = _sample(input_shape, batch, seed)
         with torch.no_grad():
             expected = _outputs(model(sample))
+            reference = _outputs(exact(sample.double()))
         actual = session.run(None, {input_name: sample.numpy()})
-        for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
-            gap = np.abs(want.astype(np.float64) - got.astype(np.float64))
+        for index, (want, got, truth) in enumerate(zip(expected, actual, reference, strict=True)):
+            want64 = want.astype(np.float64)
+            gap = np.abs(want64 - got.astype(np.float64))
+            # PyTorch's own float32 rounding error on this input, measured against float64: two float32
+            # implementations may differ by about twice it, whatever the tolerance asked for.
+            rounding = float(np.abs(want64 - truth).max()) if gap.size else 0.0
             max_abs = float(gap.max()) if gap.size else 0.0
-            max_rel = float((gap / np.maximum(np.abs(want), 1e-12)).max()) if gap.size else 0.0
-            ok = bool(np.all(gap <= atol + rtol * np.abs(want)))
-            diffs.append({"batch": batch, "output": index, "max_abs": max_abs, "max_rel": max_rel, "ok": ok})
+            max_rel = float((gap / np.maximum(np.abs(want64), 1e-12)).max()) if gap.size else 0.0
+            ok = bool(np.all(gap <= atol + rtol * np.abs(want64) + 2.0 * rounding))
+            diffs.append({"batch": batch, "output": index, "max_abs": max_abs, "max_rel": max_rel,
+                          "float32_rounding": rounding, "ok": ok})
     if not all(d["ok"] for d in diffs):
         raise VerificationError(diffs, rtol, atol)
     return diffs

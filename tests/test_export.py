@@ -88,13 +88,30 @@ def test_legacy_exporter_and_fixed_batch(tmp_path) -> None:
     assert result.opset == 17 and [d["batch"] for d in result.diffs] == [3]
 
 
-def test_verification_failure_leaves_no_file(tmp_path) -> None:
+def broken_freeze(monkeypatch) -> None:
+    """Make freezing subtly wrong (one weight off by 1%), as a folding bug would."""
+    real = graphnorm.export.freeze
+
+    def wrong(*args, **kwargs):
+        frozen = real(*args, **kwargs)
+        with torch.no_grad():
+            next(p for p in frozen.parameters() if p.dim() > 1).mul_(1.01)
+        return frozen
+
+    monkeypatch.setattr(graphnorm.export, "freeze", wrong)
+
+
+def test_verification_catches_a_wrong_graph_and_leaves_no_file(tmp_path, monkeypatch) -> None:
     model, stats, shape = _fixture("digits_cnn.pt")
     converted = graphnorm.convert(model, stats, input_shape=shape)
-    target = tmp_path / "strict.onnx"
+    target = tmp_path / "wrong.onnx"
+    broken_freeze(monkeypatch)
     with pytest.raises(VerificationError, match="max abs"):
-        graphnorm.export_onnx(converted, target, input_shape=shape, rtol=0.0, atol=0.0)
+        graphnorm.export_onnx(converted, target, input_shape=shape)
     assert not target.exists() and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    result = graphnorm.export_onnx(converted, target, input_shape=shape)
+    assert all(d["max_abs"] <= 1e-5 + 2 * d["float32_rounding"] + 1e-4 for d in result.diffs)
 
 
 def test_batch_statistics_only_batchnorm_cannot_be_frozen_unconverted(tmp_path) -> None:
