@@ -46,12 +46,43 @@ def step_function(model: nn.Module, batch: int, size: int = 32):
     return step
 
 
+def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats: int) -> dict[str, float]:
+    """Split one analytic training step: the statistics pass (forward, forward + backward) and the graph with
+    the statistics detached, next to BatchNorm's forward + backward (medians, ms)."""
+    converted = graphnorm.convert(base, stats, input_shape=(1, 3, size, size), mode="analytic").train()
+    state = converted.__dict__["_graphnorm_state"]
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    reference = copy.deepcopy(base).train()
+
+    def statistics_backward() -> None:
+        state.refresh(converted)
+        sum(s.sum() for name, _ in state.analytic_sites for s in converted.get_submodule(name).statistics).backward()
+
+    def graph_only() -> None:
+        state.refresh(converted)
+        for name, _ in state.analytic_sites:
+            module = converted.get_submodule(name)
+            module.statistics = tuple(s.detach() for s in module.statistics)
+        out = torch.fx.GraphModule.__call__(converted, x)  # skip the automatic refresh
+        nn.functional.cross_entropy(out, y).backward()
+
+    medians = interleaved_medians({
+        "statistics pass forward": lambda: state.refresh(converted),
+        "statistics pass forward + backward": statistics_backward,
+        "graph forward + backward, statistics detached (includes one pass forward)": graph_only,
+        "BatchNorm model forward + backward": lambda: nn.functional.cross_entropy(reference(x), y).backward(),
+    }, repeats)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="also profile one analytic step (cProfile)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also split an analytic step at the largest batch into statistics pass and graph")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(weights=None)
@@ -87,7 +118,13 @@ def main() -> None:
             profiler = cProfile.Profile()
             profiler.runcall(analytic)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    path = write_result(f"train_step_resnet18_{args.size}", {"repeats": args.repeats, "size": args.size, "rows": rows})
+    split = breakdown(base, stats, args.batches[-1], args.size, args.repeats) if args.breakdown else None
+    if split:
+        print("| part of an analytic step | median |\n|---|---|")
+        for name, ms in split.items():
+            print(f"| {name} | {ms:.1f} ms |")
+    path = write_result(f"train_step_resnet18_{args.size}", {"repeats": args.repeats, "size": args.size, "rows": rows,
+                                                            "breakdown_ms": split})
     print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
     print("|---|---|---|---|---|")
     for r in rows:
