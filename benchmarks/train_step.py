@@ -123,7 +123,8 @@ def main() -> None:
         print("| part of an analytic step | median |\n|---|---|")
         for name, ms in split.items():
             print(f"| {name} | {ms:.1f} ms |")
-    path = write_result(f"train_step_resnet18_{args.size}", {"repeats": args.repeats, "size": args.size, "rows": rows,
+    batches = "-".join(str(b) for b in args.batches)
+    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}", {"repeats": args.repeats, "size": args.size, "rows": rows,
                                                             "breakdown_ms": split})
     print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
     print("|---|---|---|---|---|")
