@@ -124,8 +124,8 @@ def main() -> None:
         for name, ms in split.items():
             print(f"| {name} | {ms:.1f} ms |")
     batches = "-".join(str(b) for b in args.batches)
-    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}", {"repeats": args.repeats, "size": args.size, "rows": rows,
-                                                            "breakdown_ms": split})
+    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}",
+                        {"repeats": args.repeats, "size": args.size, "rows": rows, "breakdown_ms": split})
     print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
     print("|---|---|---|---|---|")
     for r in rows:
