@@ -9,9 +9,11 @@ from .converted import ConvertedModule
 from .errors import GraphnormError, InputStatsError, RuleError, TraceError, UnsupportedOpError
 from .export import ExportError, ExportResult, VerificationError, export_onnx
 from .freeze import freeze
+from .inspection import inspect
 from .moments import Moments
 from .ops import register_op
 from .propagate import MomentPropagator, MomentTable, propagate
+from .report import Report
 from .rewrite import ConversionLog, Rewrite, Skip, convert
 from .rules import RULES, moment_rule
 from .stats import InputStats
@@ -31,6 +33,7 @@ __all__ = [
     "MomentPropagator",
     "MomentTable",
     "Moments",
+    "Report",
     "Rewrite",
     "RuleError",
     "Skip",
@@ -41,6 +44,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "freeze",
+    "inspect",
     "moment_rule",
     "propagate",
     "register_op",

@@ -119,6 +119,54 @@ def _summary_table(log: Any, export: Any, seconds: float, output: Path) -> Table
     return table
 
 
+def _model_input_options(command: Callable) -> Callable:
+    """Options shared by the commands that load a model and its input statistics."""
+    options = [
+        click.option("--input-shape",
+                     help="Shape of one input batch, e.g. 1,3,224,224 (default: from a graphnorm checkpoint)."),
+        click.option("--input-mean", help="Per-channel input mean, comma-separated."),
+        click.option("--input-std", help="Per-channel input std, comma-separated."),
+        click.option("--input-data", type=click.Path(dir_okay=False),
+                     help="Samples (.npy/.npz/.pt) to compute input statistics from."),
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="state_dict file for an import-spec MODEL (loaded weights-only)."),
+        click.option("--trust-pickle", is_flag=True, help="Allow MODEL to be a pickled module file (runs its code)."),
+        click.option("--leaf-module", "leaf_modules", multiple=True,
+                     help="Module path to keep as one call when tracing (repeatable)."),
+        click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
+        click.option("--debug", is_flag=True, help="Show the Python traceback of errors."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_inputs(run: _Run, model_source: str, weights: str | None, trust_pickle: bool, input_shape: str | None,
+                 input_mean: str | None, input_std: str | None, input_data: str | None
+                 ) -> tuple[LoadedModel, tuple[int, ...], InputStats]:
+    mean, std = _floats(input_mean, "--input-mean"), _floats(input_std, "--input-std")
+    shape = _shape(input_shape)
+    try:
+        loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights,
+                                                                   trust_pickle=trust_pickle))
+    except ModelLoadError as err:
+        raise _usage(err) from err
+    if shape is None:
+        if "input_shape" not in loaded.defaults:
+            raise click.UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
+        shape = tuple(int(s) for s in loaded.defaults["input_shape"])
+    return loaded, shape, _resolve_stats(loaded, shape, mean, std, input_data, run)
+
+
+def _fail(run: _Run, err: GraphnormError) -> None:
+    if run.debug:
+        traceback.print_exc()
+    click.echo(f"error: {err}", err=True)
+    if not run.debug:
+        click.echo("(run with --debug for the traceback)", err=True)
+    sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="graphnorm")
 def main() -> None:
@@ -130,22 +178,11 @@ def main() -> None:
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(MODES), default="analytic", show_default=True,
               help="What every BatchNorm becomes (docs/convert.md).")
-@click.option("--input-shape",
-              help="Shape of one input batch, e.g. 1,3,224,224 (default: from a graphnorm checkpoint).")
-@click.option("--input-mean", help="Per-channel input mean, comma-separated.")
-@click.option("--input-std", help="Per-channel input std, comma-separated.")
-@click.option("--input-data", type=click.Path(dir_okay=False),
-              help="Samples (.npy/.npz/.pt) to compute input statistics from.")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="state_dict file for an import-spec MODEL (loaded weights-only).")
-@click.option("--trust-pickle", is_flag=True, help="Allow MODEL to be a pickled module file (runs its code).")
+@_model_input_options
 @click.option("--stochastic-batch", type=click.IntRange(min=4),
               help="Add BatchNorm-like noise of this virtual batch size in training.")
 @click.option("--normprop-c", type=click.FloatRange(min=0, min_open=True), default=1.21, show_default=True,
               help="NormProp's constant c.")
-@click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images).")
-@click.option("--leaf-module", "leaf_modules", multiple=True,
-              help="Module path to keep as one call when tracing (repeatable).")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--legacy-exporter", is_flag=True, help="Use the TorchScript ONNX exporter instead of the dynamo one.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the ONNX file with onnxruntime.")
@@ -154,7 +191,6 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--debug", is_flag=True, help="Show the Python traceback of errors.")
 def convert_command(model_source: str, output: Path, mode: str, input_shape: str | None, input_mean: str | None,
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
                     stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
@@ -170,18 +206,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         raise click.BadParameter("OUTPUT must end in .onnx or .pt", param_hint="OUTPUT")
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to overwrite it")
-    mean, std = _floats(input_mean, "--input-mean"), _floats(input_std, "--input-std")
-    shape = _shape(input_shape)
-    try:
-        loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights,
-                                                                   trust_pickle=trust_pickle))
-    except ModelLoadError as err:
-        raise _usage(err) from err
-    if shape is None:
-        if "input_shape" not in loaded.defaults:
-            raise click.UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
-        shape = tuple(int(s) for s in loaded.defaults["input_shape"])
-    stats = _resolve_stats(loaded, shape, mean, std, input_data, run)
+    loaded, shape, stats = _load_inputs(run, model_source, weights, trust_pickle, input_shape, input_mean, input_std,
+                                        input_data)
     if output.suffix == ".pt" and loaded.spec is None:
         raise click.UsageError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
     _execute(run, loaded, output, stats, shape, mode=mode, stochastic_batch=stochastic_batch, normprop_c=normprop_c,
@@ -208,12 +234,7 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, sh
         else:
             save_converted(output, converted, spec=loaded.spec or "", convert_kwargs=kwargs, stats=stats)
     except GraphnormError as err:
-        if run.debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        if not run.debug:
-            click.echo("(run with --debug for the traceback)", err=True)
-        sys.exit(1)
+        _fail(run, err)
     seconds = time.perf_counter() - start
     log = converted.graphnorm_log
     if run.as_json:
@@ -226,3 +247,64 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, sh
         for note in run.notes:
             run.out.print(f"note: {note}")
         run.out.print(_summary_table(log, export, seconds, output))
+
+
+@main.command("inspect")
+@click.argument("model_source", metavar="MODEL")
+@_model_input_options
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="Samples (.npy/.npz/.pt) for the measured columns (default: drawn from the input statistics).")
+@click.option("--samples", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="How many inputs to draw when --data is not given.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Batch size of the measurement (bounds its memory).")
+@click.option("--no-empirical", is_flag=True, help="Analytic columns only (no measurement).")
+@click.option("--normalize", type=click.Choice(["as-is", "analytic"]), default="as-is", show_default=True,
+              help="Measure the model as it is, or with every BatchNorm using the analytic statistics.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json", "markdown"]), default="table",
+              show_default=True, help="Report format on stdout.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a signal-propagation plot (PNG).")
+@click.option("--only", type=click.Choice(["bn"]), help="bn: only the BatchNorm inputs.")
+@click.option("--force", is_flag=True, help="Overwrite the --plot file if it exists.")
+def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
+                    input_data: str | None, weights: str | None, trust_pickle: bool, leaf_modules: tuple[str, ...],
+                    spatial: bool, debug: bool, data: str | None, samples: int, batch_size: int, no_empirical: bool,
+                    normalize: str, output_format: str, plot_path: Path | None, only: str | None,
+                    force: bool) -> None:
+    """Analytic statistics of every activation of MODEL beside measured ones (table, JSON or Markdown), and a
+    signal-propagation plot. MODEL takes the same forms as in `graphnorm convert`."""
+    from .inspection import inspect
+
+    run = _Run(quiet=False, as_json=output_format == "json", debug=debug)
+    if plot_path is not None:
+        if plot_path.suffix.lower() != ".png":
+            raise click.BadParameter("the plot file must end in .png", param_hint="--plot")
+        if plot_path.exists() and not force:
+            raise click.UsageError(f"{plot_path} exists; pass --force to overwrite it")
+    loaded, shape, stats = _load_inputs(run, model_source, weights, trust_pickle, input_shape, input_mean, input_std,
+                                        input_data)
+    samples_data = None
+    if data is not None:
+        try:
+            samples_data = load_input_data(data)
+        except GraphnormError as err:
+            raise _usage(err) from err
+    try:
+        report = inspect(loaded.model, stats, input_shape=shape, data=samples_data, samples=samples, spatial=spatial,
+                         leaf_modules=leaf_modules, batch_size=batch_size, normalize=normalize,
+                         empirical=not no_empirical, progress=run.err.is_terminal)
+        if plot_path is not None:
+            report.plot(plot_path)
+    except GraphnormError as err:
+        _fail(run, err)
+    if only == "bn":
+        report = report.only_batchnorm_inputs()
+    if output_format == "json":
+        click.echo(report.to_json())
+    elif output_format == "markdown":
+        click.echo(report.to_markdown(), nl=False)
+    else:
+        for note in run.notes:
+            run.out.print(f"note: {note}")
+        run.out.print(report.to_table())

@@ -11,31 +11,50 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
+from .ops import canonical_call
 from .stats import ChannelAccumulator
 
 __all__ = ["ChannelAccumulator", "measure"]
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, graph_module: fx.GraphModule, nodes: set[str], accumulators: dict[str, ChannelAccumulator]):
+    def __init__(self, graph_module: fx.GraphModule, nodes: set[str], accumulators: dict[str, ChannelAccumulator],
+                 batchnorm_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__(graph_module, garbage_collect_values=True)
         self.nodes = nodes
         self.accumulators = accumulators
+        self.batchnorm_statistics = batchnorm_statistics
 
     def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
+        if node.name in self.batchnorm_statistics:
+            value = self._batch_norm_with(node, *self.batchnorm_statistics[node.name])
+        else:
+            value = super().run_node(node)
         if node.name in self.nodes and isinstance(value, torch.Tensor) and value.dim() >= 2:
             self.accumulators.setdefault(node.name, ChannelAccumulator()).add(value)
         return value
 
 
-def measure(graph_module: fx.GraphModule, batches: Iterable[torch.Tensor], nodes: Iterable[str]
+    def _batch_norm_with(self, node: fx.Node, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm at ``node`` in eval form with the given statistics instead of its own."""
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        _, inputs, params = canonical_call(node, self.module, args, kwargs)
+        x = inputs[0]
+        return F.batch_norm(x, mean.to(x), var.to(x), params["weight"], params["bias"], False, 0.0, params["eps"])
+
+
+def measure(graph_module: fx.GraphModule, batches: Iterable[torch.Tensor], nodes: Iterable[str], *,
+            batchnorm_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
             ) -> dict[str, ChannelAccumulator]:
-    """Per-channel moments of the outputs of ``nodes`` over all ``batches`` (run under ``torch.no_grad``)."""
+    """Per-channel moments of the outputs of ``nodes`` over all ``batches`` (run under ``torch.no_grad``).
+
+    ``batchnorm_statistics`` maps BatchNorm node names to ``(mean, var)`` used instead of their own
+    statistics (e.g. the analytic ones: how a converted model would normalize)."""
     accumulators: dict[str, ChannelAccumulator] = {}
-    recorder = _Recorder(graph_module, set(nodes), accumulators)
+    recorder = _Recorder(graph_module, set(nodes), accumulators, batchnorm_statistics or {})
     with torch.no_grad():
         for batch in batches:
             recorder.run(batch)
