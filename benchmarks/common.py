@@ -48,3 +48,14 @@ def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: in
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (the format docs/benchmarks.md uses)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def announce(path: Path) -> None:
+    print(f"\nwritten to {path.relative_to(path.parents[2])}")

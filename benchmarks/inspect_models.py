@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import write_result
+from common import announce, markdown_table, write_result
 from sklearn.datasets import load_digits
 
 import graphnorm
@@ -46,15 +46,13 @@ def main() -> None:
                                        normalize=normalize, progress=False)
             rows.append(summary_row("digits CNN (trained)", "sklearn digits, 1797 images", report))
     path = write_result("inspect_models", {"rows": rows})
-    print("| model | data | normalize | mode | samples | BN inputs | std error median | worst "
-          "| mean error median | worst |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['data']} | {r['normalize']} | {r['mode']} | {r['samples']} | "
-              f"{r['batchnorm_inputs']} | {r['std_error_median']:.3f} | {r['std_error_worst']:.3f} | "
-              f"{r['mean_error_median']:.3f} | {r['mean_error_worst']:.3f} |")
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
-
+    headers = ["model", "data", "normalize", "mode", "samples", "BN inputs", "std error median", "worst",
+               "mean error median", "worst"]
+    print(markdown_table(headers, [[r["model"], r["data"], r["normalize"], r["mode"], str(r["samples"]),
+                                    str(r["batchnorm_inputs"])] + [f"{r[k]:.3f}" for k in (
+                                        "std_error_median", "std_error_worst", "mean_error_median",
+                                        "mean_error_worst")] for r in rows]))
+    announce(path)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import time
 
 import torch
 import torchvision
-from common import write_result
+from common import announce, markdown_table, write_result
 
 from graphnorm import InputStats
 from graphnorm.compare import compare_batchnorm_inputs
@@ -54,14 +54,13 @@ def main() -> None:
     rows = [evaluate(name, args.size, args.samples, args.batch, spatial)
             for name in args.models for spatial in (False, True)]
     path = write_result(f"propagation_accuracy_{args.size}", {"rows": rows})
-    print("| model | input | mode | BN inputs | median error | worst median | worst channel | analytic/measured |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['size']}x{r['size']} | {r['mode']} | {r['batchnorm_inputs']} | "
-              f"{r['median_error']:.3f} | {r['worst_median_error']:.3f} | {r['worst_channel_error']:.3f} | "
-              f"{r['analytic_over_measured_median']:.3f} |")
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
-
+    headers = ["model", "input", "mode", "BN inputs", "median error", "worst median", "worst channel",
+               "analytic/measured"]
+    print(markdown_table(headers, [[r["model"], f"{r['size']}x{r['size']}", r["mode"], str(r["batchnorm_inputs"])]
+                                   + [f"{r[k]:.3f}" for k in ("median_error", "worst_median_error",
+                                                              "worst_channel_error", "analytic_over_measured_median")]
+                                   for r in rows]))
+    announce(path)
 
 if __name__ == "__main__":
     main()
