@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("GRAPHNORM_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def machine() -> dict[str, object]:
@@ -58,4 +58,4 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def announce(path: Path) -> None:
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+    print(f"\nwritten to {path}")

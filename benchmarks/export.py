@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime
 import torch
 import torchvision
-from common import interleaved_medians, write_result
+from common import announce, interleaved_medians, write_result
 
 import graphnorm
 
@@ -74,7 +74,7 @@ def main() -> None:
         ort = r["ort_median_ms"]
         print(f"| {r['model']} | {r['process_median_s']:.1f} s | {ort['converted (graphnorm)']:.1f} ms | "
               f"{ort['original (eval BatchNorm)']:.1f} ms | {r['ort_ratio']:.3f} |")
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+    announce(path)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 import torchvision
-from common import interleaved_medians, write_result
+from common import announce, interleaved_medians, write_result
 
 from graphnorm import InputStats, MomentPropagator
 
@@ -51,7 +51,7 @@ def main() -> None:
     print("|---|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds * 1e3:.1f} ms | {seconds / base:.2f} |")
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+    announce(path)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pstats
 import torch
 import torch.nn as nn
 import torchvision
-from common import interleaved_medians, write_result
+from common import announce, interleaved_medians, write_result
 
 import graphnorm
 from graphnorm import InputStats
@@ -134,7 +134,7 @@ def main() -> None:
             continue
         ratio = f"{r['ratio_to_batchnorm']:.2f}" if r["ratio_to_batchnorm"] is not None else "n/a"
         print(f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} ms | {ratio} | {r['ratio_to_no_norm']:.2f} |")
-    print(f"\nwritten to {path.relative_to(path.parents[2])}")
+    announce(path)
 
 
 if __name__ == "__main__":

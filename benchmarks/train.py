@@ -1,0 +1,203 @@
+"""Training benchmark: does batch-independent normalization deliver what the papers claim, on real data?
+
+Two data sets that fit a CPU: MNIST-1D (``mnist1d``, generated locally, 4000 train / 1000 test) with a 1-D CNN,
+and sklearn's 8x8 digits (1400 train / 397 test) with graphnorm.zoo's DigitsCNN. Both networks are written
+with BatchNorm; graphnorm's variants are made from that same network by ``graphnorm.convert``, GroupNorm and
+"no normalization" by swapping the BatchNorm modules as a user would. Every variant sees the same number of
+examples with the same optimizer (SGD, momentum 0.9, learning rate ``base * B/32``, cosine decay).
+
+    python benchmarks/train.py --quick        # smoke run, under 2 minutes (part of the test suite)
+    python benchmarks/train.py --workers 2    # the whole grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import multiprocessing
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from common import markdown_table, write_result
+
+import graphnorm
+from graphnorm.zoo import DigitsCNN
+
+VARIANTS = ("batchnorm", "groupnorm", "none", "analytic", "reparam", "normprop", "analytic+noise")
+BATCH_SIZES = (1, 2, 4, 8, 32)
+REFERENCE_BATCH = 32
+
+
+class MNIST1DNet(nn.Module):
+    """A 1-D CNN for MNIST-1D signals of length 40, with BatchNorm."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.BatchNorm1d(width), nn.ReLU())
+        self.head = nn.Linear(width * 10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if name == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        data = make_dataset(get_dataset_args())
+        def as_signal(a):
+            return torch.tensor(a, dtype=torch.float32).unsqueeze(1)
+        return as_signal(data["x"]), torch.tensor(data["y"]), as_signal(data["x_test"]), torch.tensor(data["y_test"])
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    return images[order[:1400]], labels[order[:1400]], images[order[1400:]], labels[order[1400:]]
+
+
+def network(dataset: str) -> nn.Module:
+    return MNIST1DNet() if dataset == "mnist1d" else DigitsCNN()
+
+
+def swap_batchnorm(model: nn.Module, make) -> nn.Module:
+    swapped = copy.deepcopy(model)
+    for name, module in list(swapped.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            swapped.set_submodule(name, make(module.num_features))
+    return swapped
+
+
+def variant(model: nn.Module, name: str, stats: graphnorm.InputStats, shape: tuple[int, ...]) -> nn.Module:
+    if name == "batchnorm":
+        return model
+    if name == "groupnorm":
+        return swap_batchnorm(model, lambda c: nn.GroupNorm(min(8, c), c))
+    if name == "none":
+        return swap_batchnorm(model, lambda c: nn.Identity())
+    if name == "analytic+noise":
+        return graphnorm.convert(model, stats, input_shape=shape, mode="analytic", stochastic_batch=REFERENCE_BATCH)
+    return graphnorm.convert(model, stats, input_shape=shape, mode=name)
+
+
+@dataclass
+class Run:
+    dataset: str
+    variant: str
+    batch: int
+    seed: int
+    epochs: float
+    base_lr: float
+    train_limit: int | None = None
+
+
+def train_one(run: Run) -> dict:
+    torch.set_num_threads(1)
+    x, y, x_test, y_test = load(run.dataset)
+    if run.train_limit:
+        x, y = x[: run.train_limit], y[: run.train_limit]
+    stats = graphnorm.InputStats.from_data(x)
+    torch.manual_seed(run.seed)
+    model = variant(network(run.dataset), run.variant, stats, (1, *x.shape[1:])).train()
+    steps = max(1, int(run.epochs * len(y) / run.batch))
+    lr = run.base_lr * run.batch / REFERENCE_BATCH
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(run.seed)
+    order, cursor, losses, error = torch.randperm(len(y), generator=generator), 0, [], None
+    start = time.perf_counter()
+    for _ in range(steps):
+        if cursor + run.batch > len(y):
+            order, cursor = torch.randperm(len(y), generator=generator), 0
+        batch = order[cursor: cursor + run.batch]
+        cursor += run.batch
+        try:
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        except (RuntimeError, ValueError) as err:
+            error = str(err).splitlines()[0]
+            break
+        if not math.isfinite(loss.item()):
+            error = "diverged (non-finite loss)"
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    accuracy = None
+    if error is None:
+        model.eval()
+        with torch.no_grad():
+            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    last_epoch = max(1, int(len(y) / run.batch))
+    return {**asdict(run), "steps": steps, "lr": lr, "test_accuracy": accuracy, "error": error,
+            "final_train_loss": statistics.fmean(losses[-last_epoch:]) if losses else None,
+            "seconds_per_epoch": seconds / max(run.epochs, 1e-9)}
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["variant"], r["batch"]), []).append(r)
+    rows = []
+    for (dataset, name, batch), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]),
+                                                                                kv[0][2])):
+        accuracies = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
+        losses = [r["final_train_loss"] for r in runs if r["final_train_loss"] is not None]
+        rows.append({"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs),
+                     "failed": sum(r["error"] is not None for r in runs),
+                     "errors": sorted({r["error"] for r in runs if r["error"]}),
+                     "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
+                     "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+                     "train_loss": statistics.fmean(losses) if losses else None,
+                     "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: digits, batch 2 and 32, 1 seed, 1 epoch")
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCH_SIZES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--base-lr", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    limit = None
+    if args.quick:
+        args.datasets, args.batches, args.seeds, args.epochs, limit = ["digits"], [2, 32], 1, 1.0, 400
+    runs = [Run(d, v, b, s, args.epochs, args.base_lr, limit) for d in args.datasets for v in args.variants
+            for b in args.batches for s in range(args.seeds)]
+    start = time.perf_counter()
+    if args.workers > 1:
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            results = pool.map(train_one, runs, chunksize=1)
+    else:
+        results = [train_one(r) for r in runs]
+    rows = summarize(results)
+    name = "train_quick" if args.quick else "train"
+    path = write_result(name, {"args": vars(args), "seconds": time.perf_counter() - start, "runs": results,
+                               "rows": rows})
+    print(markdown_table(["data", "variant", "batch", "test accuracy (mean ± std)", "final train loss",
+                          "s/epoch", "failed"],
+                         [[r["dataset"], r["variant"], str(r["batch"]),
+                           "-" if r["accuracy_mean"] is None else f"{100 * r['accuracy_mean']:.1f} ± "
+                                                                    f"{100 * r['accuracy_std']:.1f}",
+                           "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+                           f"{r['seconds_per_epoch']:.1f}", f"{r['failed']}/{r['seeds']}"] for r in rows]))
+    print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; written to {path.name}")
+
+
+if __name__ == "__main__":
+    main()
