@@ -1,8 +1,10 @@
 """graphnorm: batch-independent normalization for PyTorch by analytic moment propagation.
 
-Trace a model with torch.fx, propagate the per-channel mean and variance of the data distribution through
-its graph analytically, and (in later modules) rewrite BatchNorm into normalizers whose statistics are
-functions of the weights, not of the batch.
+Trace a model with torch.fx (:func:`trace`), propagate the per-channel mean and variance of the data
+distribution through its graph analytically (:func:`propagate`), rewrite BatchNorm into normalizers whose
+statistics are functions of the weights, not of the batch (:func:`convert`), export the result to ONNX with
+onnxruntime verification (:func:`export_onnx`), and compare analytic with measured statistics
+(:func:`inspect`).
 """
 
 from .converted import ConvertedModule
