@@ -13,10 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import fx
 
 from .errors import GraphnormError
-from .measure import measure
+from .measure import analytic_batchnorm_statistics, measure
 from .propagate import MomentPropagator
 from .report import ChannelSummary, Report, ReportRow, ResidualBranch
-from .stats import InputStats, _batches
+from .stats import InputStats, iter_batches
 
 __all__ = ["inspect"]
 
@@ -77,19 +77,16 @@ def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         table = propagator.run(stats)
     graph_module = propagator.graph_module
     nodes = {node.name: node for node in graph_module.graph.nodes}
-    batchnorm_nodes = [n for n in graph_module.graph.nodes if n.meta.get("graphnorm.op") == "batch_norm"]
-    batchnorm_inputs = {n.args[0].name for n in batchnorm_nodes}
+    batchnorm_inputs = {n.args[0].name for n in graph_module.graph.nodes if n.meta.get("graphnorm.op") == "batch_norm"}
     names = list(table)
     measured = None
     counted = None
     if empirical:
-        overrides = {}
-        if normalize == "analytic":
-            overrides = {n.name: (table[n.args[0].name].mean, table[n.args[0].name].var) for n in batchnorm_nodes}
+        overrides = analytic_batchnorm_statistics(graph_module, table) if normalize == "analytic" else {}
         if data is None:
             source, total = _sample_batches(stats, input_shape, samples, batch_size), samples
         else:
-            source, total = _batches(data), None
+            source, total = iter_batches(data), None
         seen = [0]
         batches = _with_progress(_counted(_rebatched(source, batch_size), seen), total, progress)
         measured = measure(graph_module, batches, [n for n in names if n in nodes], batchnorm_statistics=overrides)

@@ -7,7 +7,7 @@ per-batch channel moments in float64 (Chan et al. parallel update), so memory is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import fx
 from .ops import canonical_call
 from .stats import ChannelAccumulator
 
-__all__ = ["ChannelAccumulator", "measure"]
+__all__ = ["ChannelAccumulator", "analytic_batchnorm_statistics", "measure"]
 
 
 class _Recorder(fx.Interpreter):
@@ -44,6 +44,14 @@ class _Recorder(fx.Interpreter):
         _, inputs, params = canonical_call(node, self.module, args, kwargs)
         x = inputs[0]
         return F.batch_norm(x, mean.to(x), var.to(x), params["weight"], params["bias"], False, 0.0, params["eps"])
+
+
+def analytic_batchnorm_statistics(graph_module: fx.GraphModule, table: Mapping[str, Any]
+                                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{BatchNorm node: (mean, var) of its input}`` from a moment table, for ``batchnorm_statistics=`` of
+    :func:`measure`: the network then normalizes each call site the way a converted model would."""
+    return {node.name: (table[node.args[0].name].mean.detach(), table[node.args[0].name].var.detach())
+            for node in graph_module.graph.nodes if node.meta.get("graphnorm.op") == "batch_norm"}
 
 
 def measure(graph_module: fx.GraphModule, batches: Iterable[torch.Tensor], nodes: Iterable[str], *,

@@ -87,7 +87,7 @@ class InputStats:
         ``(x, y, ...)`` tuples whose first element is the batch (a DataLoader works).
         """
         accumulator = _ValidatedChannelMoments()
-        for batch in _batches(data):
+        for batch in iter_batches(data):
             accumulator.add(batch)
         return accumulator.result()
 
@@ -119,7 +119,8 @@ class InputStats:
         return f"InputStats(channels={self.channels}, mean={fmt(self.mean)}, std={fmt(self.std)})"
 
 
-def _batches(data: Any) -> Iterable[torch.Tensor]:
+def iter_batches(data: Any) -> Iterable[torch.Tensor]:
+    """The tensor batches of ``data``: a tensor or array, or an iterable of them or of ``(x, ...)`` tuples."""
     if isinstance(data, (torch.Tensor, np.ndarray)):
         yield torch.as_tensor(data)
         return
