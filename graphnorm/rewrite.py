@@ -109,14 +109,10 @@ class BatchNormSite:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     eps: float
-
-    @property
-    def input_name(self) -> str:
-        """Name of the node feeding the BatchNorm in the original graph."""
-        return self.original_input
+    input_name: str = field(init=False)  # the node feeding the BatchNorm in the original graph
 
     def __post_init__(self) -> None:
-        self.original_input = self.node.args[0].name if self.node.args else ""
+        self.input_name = self.node.args[0].name
 
 
 def _resolve(graph_module: fx.GraphModule, value: Any) -> Any:
@@ -200,10 +196,9 @@ class _Rewriter:
     def _site_eps(self, site: BatchNormSite) -> float:
         return float(self.eps) if self.eps is not None else site.eps
 
-    def _install(self, site: BatchNormSite, module: nn.Module, suffix: str) -> str:
-        """Put ``module`` into the graph module: at the BatchNorm's own path for its first call site (so its
-        parameter names stay the BatchNorm's), else under a fresh name."""
-        base = site.module_path or f"{site.node.name}_{suffix}"
+    def _install(self, base: str, module: nn.Module) -> str:
+        """Put ``module`` into the graph module at path ``base`` if it is still free (a BatchNorm's own path for
+        its first call site, so its parameter names stay the BatchNorm's), else under a fresh name."""
         name, k = base, 1
         while name in self._used_names:
             name, k = f"{base}_site{k}", k + 1
@@ -233,14 +228,15 @@ class _Rewriter:
         channels = self.propagator.shapes[site.input_name][0]
         norm = AnalyticNorm(channels, site.weight, site.bias, self._site_eps(site), stochastic_batch)
         norm.statistics = self._input_moments(site)
-        name = self._install(site, norm, "norm")
+        name = self._install(site.module_path or f"{site.node.name}_norm", norm)
         self._replace_node(site.node, name, x)
         self.analytic_sites.append((name, x.name))
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "analytic", detail))
 
     def fixed(self, site: BatchNormSite) -> None:
         mean, var = self._input_moments(site)
-        name = self._install(site, FixedBatchNorm(mean, var, site.weight, site.bias, self._site_eps(site)), "fixed")
+        fixed = FixedBatchNorm(mean, var, site.weight, site.bias, self._site_eps(site))
+        name = self._install(site.module_path or f"{site.node.name}_fixed", fixed)
         self._replace_node(site.node, name, site.node.args[0])
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed"))
 
@@ -266,7 +262,8 @@ class _Rewriter:
         self.reparam_sites.append((str(producer.target), producer.args[0].name))
         detail = f"folded into '{producer.target}'"
         if stochastic_batch is not None:
-            name = self._install(site, BatchNoise(site.weight, site.bias, stochastic_batch), "noise")
+            name = self._install(site.module_path or f"{site.node.name}_noise",
+                                 BatchNoise(site.weight, site.bias, stochastic_batch))
             with self.graph.inserting_after(producer):
                 noisy = self.graph.call_module(name, (producer,))
             producer.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
@@ -279,8 +276,7 @@ class _Rewriter:
             self.analytic(site, None, f"fallback: {why_not}")
             return
         layer = self.gm.get_submodule(producer.target)
-        name = self._install(BatchNormSite(producer, str(producer.target), None, None, None, None, 0.0),
-                             NormPropLayer(layer, site.weight, site.bias, c), "normprop")
+        name = self._install(str(producer.target), NormPropLayer(layer, site.weight, site.bias, c))
         new = self._replace_node(producer, name, producer.args[0])
         site.node.replace_all_uses_with(new)
         self.graph.erase_node(site.node)
@@ -288,8 +284,8 @@ class _Rewriter:
         users = list(new.users)
         if len(users) == 1 and users[0].meta.get(OP_KEY) == "relu":
             relu = users[0]
-            correction = self._install(BatchNormSite(relu, f"{relu.name}_normprop", None, None, None, None, 0.0),
-                                       ChannelAffine(1.0 / RELU_STD, -RELU_MEAN / RELU_STD), "correction")
+            correction = self._install(f"{relu.name}_normprop",
+                                       ChannelAffine(1.0 / RELU_STD, -RELU_MEAN / RELU_STD))
             with self.graph.inserting_after(relu):
                 corrected = self.graph.call_module(correction, (relu,))
             relu.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
