@@ -30,7 +30,7 @@ from torch import fx
 from .converted import ConvertedModule
 from .errors import GraphnormError
 from .normalizers import AnalyticNorm, BatchNoise, ChannelAffine, NormPropLayer
-from .propagate import MomentPropagator
+from .propagate import extra_inputs, infer_shapes
 from .rewrite import ConversionLog, call_counts, find_sites, foldable_producer
 from .rules.affine import batch_norm_affine
 from .trace import tag_op_keys, trace
@@ -82,7 +82,10 @@ class _Freezer:
                  concrete_args: dict[str, Any] | None):
         self.gm = graph_module
         self.graph = graph_module.graph
-        self.shapes = MomentPropagator(graph_module, input_shape, concrete_args=concrete_args).shapes
+        # Freezing needs shapes, not moments: a model with ops that have no moment rule still freezes.
+        parameter = next((p for p in graph_module.parameters() if p.is_floating_point()), None)
+        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+        self.shapes = infer_shapes(graph_module, input_shape, dtype, extra_inputs(graph_module, concrete_args or {}))
         self.counts = call_counts(graph_module)
         self.added = 0
 

@@ -120,8 +120,8 @@ class MomentPropagator:
         self.batch_norm = batch_norm
         self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
         self._dtype = dtype
-        self.extra_inputs = _extra_inputs(self.graph_module, concrete_args or {})
-        self.shapes = _infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
+        self.extra_inputs = extra_inputs(self.graph_module, concrete_args or {})
+        self.shapes = infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
         self.random_nodes = self._find_random_nodes()
         self.needed = None if targets is None else self._ancestors(set(targets))
         self._check_rules()
@@ -196,7 +196,7 @@ def propagate(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *
     return propagator.run(stats)
 
 
-def _extra_inputs(graph_module: fx.GraphModule, concrete_args: dict[str, Any]) -> list[Any]:
+def extra_inputs(graph_module: fx.GraphModule, concrete_args: dict[str, Any]) -> list[Any]:
     """Values of the placeholders after the first: from concrete_args, else their defaults."""
     values = []
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
@@ -230,7 +230,7 @@ class _ShapeRecorder(fx.Interpreter):
         return value
 
 
-def _infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype,
+def infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype,
                   extra_inputs: list[Any]) -> dict[str, tuple[int, ...]]:
     """Per-sample output shape of every tensor-valued node, by running the graph on fake tensors (no compute,
     the model untouched). The batch is at least 2 so training-mode BatchNorm accepts it."""

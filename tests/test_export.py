@@ -119,3 +119,10 @@ def test_batch_statistics_only_batchnorm_cannot_be_frozen_unconverted(tmp_path) 
     with pytest.raises(graphnorm.GraphnormError, match="convert the model"):
         graphnorm.export_onnx(model, tmp_path / "x.onnx", input_shape=(1, 1, 5, 5))
     assert not list(tmp_path.iterdir())
+
+
+def test_freezing_needs_no_moment_rules(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(36)).eval()
+    result = graphnorm.export_onnx(model, tmp_path / "ln.onnx", input_shape=(1, 1, 5, 5))
+    assert "BatchNormalization" not in result.op_counts and "Conv" in result.op_counts
