@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .calibration import CALIBRATIONS
 from .errors import GraphnormError
-from .loading import LoadedModel, ModelLoadError, load_input_data, load_model, save_converted
+from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, save_converted
 from .stats import InputStats
 
 MODES = ("analytic", "reparam", "normprop", "fixed")
@@ -92,7 +93,7 @@ def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float
     return stats
 
 
-def _summary_table(log: Any, export: Any, seconds: float, output: Path) -> Table:
+def _summary_table(log: Any, export: Any, seconds: float, output: Path, data_source: str | None) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -103,6 +104,20 @@ def _summary_table(log: Any, export: Any, seconds: float, output: Path) -> Table
     for rewrite in log.rewritten:
         if rewrite.detail.startswith("fallback"):
             table.add_row("  fallback", f"{rewrite.node} -> {rewrite.form} ({rewrite.detail})")
+    if log.calibration == "none":
+        table.add_row("calibration", "none (the analytic statistics as they are)")
+    else:
+        table.add_row("calibration", f"{log.calibrated} of {len(log.rewritten)} sites to {log.calibration} statistics")
+    agreement = log.agreement
+    if agreement is not None:
+        source = data_source if agreement.source == "data" and data_source else agreement.source
+        top1 = f"top-1 {100 * agreement.top1:.2f}%, " if agreement.top1 is not None else ""
+        table.add_row("agreement with original",
+                      f"{top1}relative output error median {agreement.median_relative_error:.2g}, max "
+                      f"{agreement.max_relative_error:.2g} (eval, {agreement.samples} samples from {source})")
+        if agreement.accuracy_original is not None and agreement.accuracy_converted is not None:
+            table.add_row("accuracy", f"original {100 * agreement.accuracy_original:.2f}%, converted "
+                                      f"{100 * agreement.accuracy_converted:.2f}% (labels of {source})")
     if export is not None:
         table.add_row("ONNX ops", ", ".join(f"{op} {n}" for op, n in sorted(export.op_counts.items())))
         table.add_row("ONNX opset", str(export.opset))
@@ -110,13 +125,30 @@ def _summary_table(log: Any, export: Any, seconds: float, output: Path) -> Table
             worst = max(export.diffs, key=lambda d: d["max_abs"])
             batches = sorted({d["batch"] for d in export.diffs})
             worst_rel = max(d["max_rel"] for d in export.diffs)
-            table.add_row("verified", f"onnxruntime vs PyTorch at batch sizes {batches}: max abs diff "
+            table.add_row("verified", f"onnxruntime vs converted PyTorch at batch sizes {batches}: max abs diff "
                                       f"{worst['max_abs']:.2e}, max rel diff {worst_rel:.2e}")
         else:
             table.add_row("verified", "no (--no-verify)")
     table.add_row("written", str(output))
     table.add_row("time", f"{seconds:.1f} s")
     return table
+
+
+def _agreement_warnings(log: Any, min_agreement: float, max_output_error: float) -> tuple[list[str], list[str]]:
+    """(problems that --strict turns into a failure, notes) about how the converted model agrees with the
+    original. Only an original with trained running statistics is a reference worth meeting."""
+    agreement = log.agreement
+    if agreement is None:
+        return [], []
+    problems = agreement.problems(min_agreement, max_output_error)
+    if not problems:
+        return [], []
+    if not log.trained_sites:
+        return [], ["the original's BatchNorms have untrained running statistics, so it is no reference: "
+                    f"{'; '.join(problems)} is expected"]
+    hint = ("calibrate to the running statistics (--calibrate auto or running)" if log.calibration == "none"
+            else "check the input statistics and --calibrate")
+    return [f"the converted model does not compute what the original computes: {'; '.join(problems)}; {hint}"], []
 
 
 def _model_input_options(command: Callable) -> Callable:
@@ -127,7 +159,8 @@ def _model_input_options(command: Callable) -> Callable:
         click.option("--input-mean", help="Per-channel input mean, comma-separated."),
         click.option("--input-std", help="Per-channel input std, comma-separated."),
         click.option("--input-data", type=click.Path(dir_okay=False),
-                     help="Samples (.npy/.npz/.pt) to compute input statistics from."),
+                     help="Samples (.npy/.npz/.pt) to compute input statistics from (convert: also to check "
+                          "agreement with the original, with the labels of an .npz's 'y' array)."),
         click.option("--weights", type=click.Path(dir_okay=False),
                      help="state_dict file for an import-spec MODEL (loaded weights-only)."),
         click.option("--trust-pickle", is_flag=True, help="Allow MODEL to be a pickled module file (runs its code)."),
@@ -179,6 +212,17 @@ def main() -> None:
 @click.option("--mode", type=click.Choice(MODES), default="analytic", show_default=True,
               help="What every BatchNorm becomes (docs/convert.md).")
 @_model_input_options
+@click.option("--calibrate", type=click.Choice(CALIBRATIONS), default="auto", show_default=True,
+              help="Calibrate the statistics to the trained running statistics (auto: where trained), to "
+                   "statistics measured on --input-data, or not at all (docs/convert.md).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Warn (fail with --strict) below this top-1 agreement with the original.")
+@click.option("--max-output-error", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Warn (fail with --strict) above this median relative output error against the original.")
+@click.option("--agreement-samples", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Inputs drawn from the input statistics for the agreement check when --input-data is not given.")
+@click.option("--strict", is_flag=True, help="Fail, writing nothing, when the converted model disagrees with the "
+                                             "original beyond --min-agreement / --max-output-error.")
 @click.option("--stochastic-batch", type=click.IntRange(min=4),
               help="Add BatchNorm-like noise of this virtual batch size in training.")
 @click.option("--normprop-c", type=click.FloatRange(min=0, min_open=True), default=1.21, show_default=True,
@@ -193,9 +237,10 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert_command(model_source: str, output: Path, mode: str, input_shape: str | None, input_mean: str | None,
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
-                    stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
-                    opset: int | None, legacy_exporter: bool, verify: bool, rtol: float, atol: float, force: bool,
-                    as_json: bool, quiet: bool, debug: bool) -> None:
+                    calibrate: str, min_agreement: float, max_output_error: float, agreement_samples: int,
+                    strict: bool, stochastic_batch: int | None, normprop_c: float, spatial: bool,
+                    leaf_modules: tuple[str, ...], opset: int | None, legacy_exporter: bool, verify: bool, rtol: float,
+                    atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
 
     MODEL is an import spec (package.module:attr naming a module or a function returning one, e.g.
@@ -210,29 +255,49 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                                         input_data)
     if output.suffix == ".pt" and loaded.spec is None:
         raise click.UsageError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
-    _execute(run, loaded, output, stats, shape, mode=mode, stochastic_batch=stochastic_batch, normprop_c=normprop_c,
-             spatial=spatial, leaf_modules=leaf_modules, opset=opset, legacy=legacy_exporter, verify=verify,
-             tolerances=(rtol, atol))
+    if calibrate == "data" and input_data is None:
+        raise click.UsageError("--calibrate data measures the statistics on --input-data FILE; give it")
+    data = labels = None
+    if input_data is not None:
+        try:
+            data, labels = load_input_data(input_data), load_labels(input_data)
+        except GraphnormError as err:
+            raise _usage(err) from err
+    kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch,
+              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules)}
+    checks = {"calibrate": calibrate, "data": data, "labels": labels, "agreement_samples": agreement_samples}
+    _execute(run, loaded, output, stats, kwargs, checks, opset=opset, legacy=legacy_exporter, verify=verify,
+             tolerances=(rtol, atol), thresholds=(min_agreement, max_output_error), strict=strict,
+             data_source=input_data)
 
 
-def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, shape: tuple[int, ...], *,
-             mode: str, stochastic_batch: int | None, normprop_c: float, spatial: bool, leaf_modules: tuple[str, ...],
-             opset: int | None, legacy: bool, verify: bool, tolerances: tuple[float, float]) -> None:
+def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kwargs: dict[str, Any],
+             checks: dict[str, Any], *, opset: int | None, legacy: bool, verify: bool,
+             tolerances: tuple[float, float], thresholds: tuple[float, float], strict: bool,
+             data_source: str | None) -> None:
+    """Convert with ``kwargs`` (the arguments a .pt output stores) and ``checks`` (calibration and agreement
+    inputs, not stored: the calibration itself is in the state_dict), check agreement, write OUTPUT."""
     from .export import export_onnx
     from .rewrite import convert
 
     start = time.perf_counter()
-    kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch,
-              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules)}
+    shape, mode = tuple(kwargs["input_shape"]), kwargs["mode"]
     try:
-        converted = run.step(f"converting ({mode})", lambda: convert(loaded.model, stats, **kwargs))
+        converted = run.step(f"converting ({mode})", lambda: convert(loaded.model, stats, **kwargs, **checks))
+        problems, notes = _agreement_warnings(converted.graphnorm_log, *thresholds)
+        run.notes.extend(notes)
+        if problems and strict:
+            raise GraphnormError(f"{problems[0]} (--strict: nothing written)")
         export = None
         if output.suffix == ".onnx":
             export = run.step("exporting to ONNX and verifying", lambda: export_onnx(
                 converted, output, input_shape=shape, opset=opset, verify=verify, legacy=legacy,
                 rtol=tolerances[0], atol=tolerances[1]))
         else:
-            save_converted(output, converted, spec=loaded.spec or "", convert_kwargs=kwargs, stats=stats)
+            # The calibration lives in the state_dict; rebuilding needs only the structure it implies.
+            calibrated = converted.graphnorm_log.calibration != "none" and mode != "fixed"
+            save_converted(output, converted, spec=loaded.spec or "", stats=stats,
+                           convert_kwargs={**kwargs, "calibrate": "running" if calibrated else "none"})
     except GraphnormError as err:
         _fail(run, err)
     seconds = time.perf_counter() - start
@@ -240,13 +305,16 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, sh
     if run.as_json:
         payload = {"output": str(output), "mode": mode, "input_shape": list(shape),
                    "input_mean": stats.mean.tolist(), "input_std": stats.std.tolist(), "notes": run.notes,
-                   "conversion": log.to_dict(), "export": export.to_dict() if export is not None else None,
-                   "seconds": seconds}
+                   "warnings": problems, "conversion": log.to_dict(),
+                   "export": export.to_dict() if export is not None else None, "seconds": seconds}
         click.echo(json.dumps(payload, indent=2))
     elif not run.quiet:
         for note in run.notes:
             run.out.print(f"note: {note}")
-        run.out.print(_summary_table(log, export, seconds, output))
+        run.out.print(_summary_table(log, export, seconds, output, data_source))
+    for problem in problems:
+        if not run.as_json:
+            click.echo(f"warning: {problem}", err=True)
 
 
 @main.command("inspect")

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .propagate import MomentPropagator
+from .rules.normalizers import raw_layer_output
 from .stats import InputStats
 
 __all__ = ["ConvertedModule", "StatisticsState"]
@@ -63,8 +64,10 @@ class StatisticsState:
             moments = table[input_name]
             model.get_submodule(module_name).statistics = (moments.mean, moments.var)
         for module_name, input_name in self.reparam_sites:
-            moments = table[input_name]
-            model.get_submodule(module_name).parametrizations.weight[0].state.update(moments.mean, moments.var)
+            layer = model.get_submodule(module_name)
+            state = layer.parametrizations.weight[0].state
+            raw = raw_layer_output(layer, table[input_name], state.out_shape)
+            state.update(raw.mean, raw.var)
         self.cache_key = None if training else self._key(model)
 
 

@@ -65,8 +65,8 @@ def _plain_layers(graph_module: fx.GraphModule) -> None:
             continue
         module = graph_module.get_submodule(node.target)
         if isinstance(module, NormPropLayer):
-            graph_module.add_submodule(str(node.target),
-                                       _plain_layer(module.layer, module.effective_weight(), module.beta))
+            plain = _plain_layer(module.layer, *module.effective_weight_and_bias())
+            graph_module.add_submodule(str(node.target), plain)
         elif parametrize.is_parametrized(module):
             graph_module.add_submodule(str(node.target), _plain_layer(module, module.weight, module.bias))
 
@@ -97,7 +97,7 @@ class _Freezer:
                 norm = self.gm.get_submodule(node.target)
                 if norm.statistics is None:
                     raise GraphnormError(f"normalizer '{node.target}' has no statistics; run the model once first")
-                sites.append((node, *_affine_of(norm.weight, norm.bias, *norm.statistics, norm.eps)))
+                sites.append((node, *(t.detach() for t in norm.eval_affine())))
         random = set(self.shapes)
         for site in find_sites(self.gm, random, ConversionLog("freeze")):
             if site.running_mean is None or site.running_var is None:

@@ -27,7 +27,8 @@ import torch.nn as nn
 from .errors import GraphnormError
 from .stats import InputStats
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_converted", "load_input_data", "load_model", "save_converted"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_converted", "load_input_data", "load_labels", "load_model",
+           "save_converted"]
 
 CHECKPOINT = "graphnorm-checkpoint/1"
 CONVERTED = "graphnorm-converted/1"
@@ -167,6 +168,26 @@ def load_input_data(path: str | os.PathLike) -> torch.Tensor:
     raise ModelLoadError(f"{path}: input data must be .npy, .npz or .pt")
 
 
+def load_labels(path: str | os.PathLike) -> torch.Tensor | None:
+    """Integer class labels ``[N]`` stored beside the samples: the ``y`` (or ``labels``) array of an ``.npz``;
+    None for other files or an ``.npz`` without one."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            key = next((k for k in ("y", "labels") if k in arrays.files), None)
+            if key is None:
+                return None
+            labels = torch.as_tensor(arrays[key])
+    except Exception as err:
+        raise ModelLoadError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ModelLoadError(f"{path}: '{key}' must be a 1-D array of integer class labels, got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
+    return labels
+
+
 def save_converted(path: str | os.PathLike, converted: nn.Module, *, spec: str, convert_kwargs: dict[str, Any],
                    stats: InputStats) -> None:
     """Write a converted model as its import spec, conversion arguments and state_dict (atomically)."""
@@ -192,6 +213,6 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     if not isinstance(content, dict) or content.get("format") != CONVERTED:
         raise ModelLoadError(f"{path} is not a graphnorm converted-model file")
     stats = InputStats(content["input_mean"], content["input_std"])
-    converted = convert(import_model(content["model"]), stats, **content["convert"])
+    converted = convert(import_model(content["model"]), stats, **{**content["convert"], "agreement_samples": 0})
     converted.load_state_dict(content["state_dict"], strict=True)
     return converted

@@ -9,6 +9,9 @@
 - :class:`NormPropLayer`: Normalization Propagation (Arpit et al. 2016), ``gamma (W x)/(c ||W_o||) + beta``.
 - :class:`ChannelAffine`: a constant per-channel ``x * scale + shift`` (NormProp's input standardization and
   its post-ReLU correction ``(relu(u) - 0.398942)/0.583819``).
+- :class:`Calibration`: the per-channel correction that makes a converted trained network compute what the
+  original computed in eval (MATH.md section 7): ``mu(W) = m_a(W) + kappa s_a(W)``, ``sigma(W) = rho s_a(W)``
+  with ``kappa``, ``rho`` fixed at conversion. Identity (``kappa = 0``, ``rho = 1``) when not calibrated.
 - :func:`batch_noise`: BN-equivalent multiplicative and additive noise of a virtual batch of size M
   (Shekhovtsov & Flach, ACCV 2018): ``s = sqrt(v/v_hat)``, ``t = (mu - mu_hat)/sqrt(v_hat)`` with
   ``v_hat/v ~ Gamma((M-1)/2, rate M/2)`` and ``mu_hat ~ N(mu, v/M)`` independent; drawn per example and
@@ -24,10 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rules.kernels import kernel_moments as channel_kernel_moments
-
-__all__ = ["AnalyticNorm", "BatchNoise", "ChannelAffine", "FixedBatchNorm", "NormPropLayer", "NormalizedBias",
-           "NormalizedWeight", "ReparamState", "batch_noise"]
+__all__ = ["AnalyticNorm", "BatchNoise", "Calibration", "ChannelAffine", "FixedBatchNorm", "NormPropLayer",
+           "NormalizedBias", "NormalizedWeight", "ReparamState", "batch_noise"]
 
 RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)  # 0.398942: mean of ReLU(N(0, 1))
 RELU_STD = math.sqrt((1.0 - 1.0 / math.pi) / 2.0)  # 0.583819: its std
@@ -70,13 +71,57 @@ def _check_virtual_batch(virtual_batch: int | None) -> None:
                          f"then), got {virtual_batch!r}")
 
 
-class AnalyticNorm(nn.Module):
-    """``gamma (x - mu_b)/sqrt(var_b + eps) + beta`` along dim 1, statistics from moment propagation.
+class Calibration(nn.Module):
+    """Per-channel calibration of analytic statistics to target statistics (MATH.md section 7).
 
-    ``weight``/``bias`` are the BatchNorm's own parameters (shared, not copied, when one BatchNorm module is
-    called at several sites). ``statistics`` is set by the converted model before each forward; in training
-    it carries the autograd graph back to the upstream weights. With ``stochastic_batch=M``, training adds
-    :func:`batch_noise` after normalizing.
+    A normalizer's analytic statistics are a mean ``m_a(W)`` and a scale ``s_a(W)`` (the analytic std with
+    eps, ``sqrt(v_a + eps)``; NormProp's ``c ||W_o||``). Calibrated, it normalizes with
+
+        ``mu(W) = m_a(W) + kappa s_a(W)``,   ``sigma(W) = rho s_a(W)``,
+
+    where ``kappa = (m_t - m_a(W0))/s_a(W0)`` and ``rho = sqrt(v_t + eps)/s_a(W0)`` are buffers fitted once, at
+    conversion, to target statistics ``(m_t, v_t)`` (a BatchNorm's running statistics, or statistics measured on
+    data). At ``W = W0`` the normalizer is exactly BatchNorm in eval with the target statistics; as the weights
+    move, the statistics follow them through ``m_a`` and ``s_a``. Both ``mu`` and ``sigma`` scale with the
+    producing layer's weights, the symmetry BatchNorm has. Assumption: the gap between the analytic and the
+    real statistics, measured in units of ``s_a``, stays constant while the weights move.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(channels))  # kappa
+        self.register_buffer("scale", torch.ones(channels))  # rho
+
+    def fit(self, analytic_mean: torch.Tensor, analytic_scale: torch.Tensor, target_mean: torch.Tensor,
+            target_var: torch.Tensor, target_eps: float) -> None:
+        """Set ``kappa`` and ``rho`` (computed in float64) so that :meth:`apply` gives the target statistics for
+        these analytic statistics. A channel whose analytic scale is 0 keeps the identity."""
+        m_a, s_a = analytic_mean.detach().double(), analytic_scale.detach().double()
+        target_mean, target_var = target_mean.detach().to(m_a), target_var.detach().to(m_a)
+        live = s_a > 0
+        safe = torch.where(live, s_a, torch.ones_like(s_a))
+        kappa = torch.where(live, (target_mean - m_a) / safe, torch.zeros_like(s_a))
+        rho = torch.where(live, torch.sqrt(target_var.clamp_min(0) + target_eps) / safe, torch.ones_like(s_a))
+        with torch.no_grad():
+            self.shift.copy_(kappa)
+            self.scale.copy_(rho)
+
+    def apply(self, analytic_mean: torch.Tensor, analytic_scale: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma) = (m_a + kappa s_a, rho s_a)``."""
+        shift, scale = self.shift.to(analytic_scale.dtype), self.scale.to(analytic_scale.dtype)
+        return analytic_mean + shift * analytic_scale, scale * analytic_scale
+
+
+class AnalyticNorm(nn.Module):
+    """``gamma (x - mu)/sigma + beta`` along dim 1, statistics from moment propagation.
+
+    ``(mu, sigma) = (m_a, sqrt(v_a + eps))`` from the analytic moments ``(m_a, v_a)`` of the input, corrected by
+    :attr:`calibration` when the model was calibrated (identity otherwise). ``weight``/``bias`` are the
+    BatchNorm's own parameters (shared, not copied, when one BatchNorm module is called at several sites).
+    ``statistics = (m_a, v_a)`` is set by the converted model before each forward; in training it carries the
+    autograd graph back to the upstream weights. With ``stochastic_batch=M``, training adds :func:`batch_noise`
+    after normalizing.
     """
 
     def __init__(self, num_features: int, weight: nn.Parameter | None, bias: nn.Parameter | None, eps: float,
@@ -88,24 +133,35 @@ class AnalyticNorm(nn.Module):
         self.bias = bias
         self.eps = eps
         self.stochastic_batch = stochastic_batch
+        self.calibration = Calibration(num_features)
         self.statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalizing_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` per channel: the calibrated analytic mean and std (with eps)."""
         if self.statistics is None:
             raise RuntimeError("AnalyticNorm has no statistics: call it through the model graphnorm.convert returned")
-        mean, var = (t.to(x.dtype) for t in self.statistics)
-        inverse_std = torch.rsqrt(var + self.eps)
+        mean, var = self.statistics
+        return self.calibration.apply(mean, torch.sqrt(var + self.eps))
+
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel ``x * scale + shift`` this normalizer computes without noise."""
+        mu, sigma = self.normalizing_statistics()
+        scale = 1.0 / sigma if self.weight is None else self.weight / sigma
+        shift = -mu * scale if self.bias is None else self.bias - mu * scale
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.stochastic_batch is not None:
-            y = (x - channel_view(mean, x)) * channel_view(inverse_std, x)
+            mu, sigma = (t.to(x.dtype) for t in self.normalizing_statistics())
+            y = (x - channel_view(mu, x)) / channel_view(sigma, x)
             noise_scale, noise_shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
             view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
             y = y * noise_scale.reshape(view) + noise_shift.reshape(view)
             if self.weight is not None:
                 y = y * channel_view(self.weight, x)
             return y if self.bias is None else y + channel_view(self.bias, x)
-        scale = inverse_std if self.weight is None else self.weight * inverse_std
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
-        return channel_affine(x, scale, shift)
+        scale, shift = self.eval_affine()
+        return channel_affine(x, scale.to(x.dtype), shift.to(x.dtype))
 
     def __getstate__(self) -> dict:
         """Copies and pickles keep the statistics' values, not their autograd history."""
@@ -173,13 +229,16 @@ class FixedBatchNorm(nn.Module):
 
 @dataclass(eq=False)
 class ReparamState:
-    """What the two parametrizations of one folded layer share: its raw weight, groups and eps, and
-    ``mu(W) = W m_in`` and ``sigma(W) = sqrt((W*W) v_in + eps)`` per output channel, computed (with autograd
-    in training) by the converted model from the analytic moments of the layer's input before each call."""
+    """What the two parametrizations of one folded layer share: its groups, eps, output shape, calibration, and
+    ``mu(W)``, ``sigma(W)`` per output channel. The converted model computes, before each call (with autograd in
+    training), the channel mean ``m`` and variance ``v`` of the layer's output without its bias from the
+    analytic moments of its input (per channel ``m = W m_in``, ``v = (W*W) v_in``); then
+    ``(mu, sigma) = calibration.apply(m, sqrt(v + eps))``, which is ``(m, sqrt(v + eps))`` uncalibrated."""
 
-    weight: nn.Parameter
     groups: int
     eps: float
+    out_shape: tuple[int, ...]
+    calibration: Calibration
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
 
@@ -191,8 +250,9 @@ class ReparamState:
                 state[name] = state[name].detach()
         return state
 
-    def update(self, input_mean: torch.Tensor, input_var: torch.Tensor) -> None:
-        self.mu, self.sigma = kernel_moments(self.weight, input_mean, input_var, self.groups, self.eps)
+    def update(self, raw_mean: torch.Tensor, raw_var: torch.Tensor) -> None:
+        """Set ``(mu, sigma)`` from the channel moments of the layer's output without its bias."""
+        self.mu, self.sigma = self.calibration.apply(raw_mean, torch.sqrt(raw_var + self.eps))
 
     def statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mu is None or self.sigma is None:
@@ -200,21 +260,15 @@ class ReparamState:
         return self.mu.to(like.dtype), self.sigma.to(like.dtype)
 
 
-def kernel_moments(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel of a Linear/Conv weight ``[O, C/g, *k]`` on inputs with per-channel moments
-    ``(mean, var)``: ``mu = sum_{c,k} W m_c`` and ``sigma = sqrt(sum_{c,k} W^2 v_c + eps)``."""
-    mu, spread = channel_kernel_moments(weight, mean, var, groups)
-    return mu, torch.sqrt(spread + eps)
-
-
 class NormalizedWeight(nn.Module):
-    """Parametrization ``W -> gamma W / sigma(W)`` (weight reparameterization; generalized NormProp)."""
+    """Parametrization ``W -> gamma W / sigma(W)`` (weight reparameterization; generalized NormProp). It owns
+    the layer's :class:`Calibration` (so its buffers are saved once, with the weight's parametrization)."""
 
     def __init__(self, state: ReparamState, gamma: nn.Parameter | None):
         super().__init__()
         self.state = state
         self.gamma = gamma
+        self.calibration = state.calibration
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         _, sigma = self.state.statistics(weight)
@@ -239,7 +293,11 @@ class NormalizedBias(nn.Module):
 
 class NormPropLayer(nn.Module):
     """Normalization Propagation's layer: ``gamma (W x)/(c ||W_o||_2) + beta`` with the norm over
-    ``(C_in, *kernel)`` of output channel o; the wrapped layer's own bias is not used (BatchNorm cancelled it)."""
+    ``(C_in, *kernel)`` of output channel o; the wrapped layer's own bias is not used (BatchNorm cancelled it).
+
+    NormProp's implicit statistics of ``W x`` are mean 0 and std ``s_a = c ||W_o||`` (standardized,
+    independent inputs). Calibrated (:class:`Calibration`), the layer normalizes with
+    ``(mu, sigma) = (kappa s_a, rho s_a)`` instead: ``gamma (W x - mu)/sigma + beta``."""
 
     def __init__(self, layer: nn.Module, gamma: nn.Parameter | None, beta: nn.Parameter | None, c: float):
         super().__init__()
@@ -247,18 +305,31 @@ class NormPropLayer(nn.Module):
         self.gamma = gamma
         self.beta = beta
         self.c = c
+        self.calibration = Calibration(layer.weight.shape[0])
+
+    def implicit_scale(self) -> torch.Tensor:
+        """``s_a = c ||W_o||`` per output channel."""
+        weight = self.layer.weight
+        return self.c * weight.reshape(weight.shape[0], -1).norm(dim=1)
+
+    def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W_eff = gamma W/sigma`` and ``b_eff = beta - gamma mu/sigma`` (``beta`` when uncalibrated)."""
+        weight = self.layer.weight
+        scale_a = self.implicit_scale()
+        mu, sigma = self.calibration.apply(torch.zeros_like(scale_a), scale_a)
+        scale = 1.0 / sigma if self.gamma is None else self.gamma / sigma
+        effective = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        bias = -mu * scale
+        return effective, bias if self.beta is None else bias + self.beta
 
     def effective_weight(self) -> torch.Tensor:
-        weight = self.layer.weight
-        norms = weight.reshape(weight.shape[0], -1).norm(dim=1)
-        scale = 1.0 / (self.c * norms) if self.gamma is None else self.gamma / (self.c * norms)
-        return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        return self.effective_weight_and_bias()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.effective_weight()
+        weight, bias = self.effective_weight_and_bias()
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.beta)
-        return self.layer._conv_forward(x, weight, self.beta)
+            return F.linear(x, weight, bias)
+        return self.layer._conv_forward(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"c={self.c}"

@@ -14,14 +14,19 @@ Modes:
   each foldable Linear/Conv + BatchNorm becomes ``gamma W x/(c ||W_o||) + beta``, followed where a ReLU comes
   next by ``(relu(u) - 0.398942)/0.583819``; other sites fall back to the analytic normalizer.
 - ``fixed``: each site keeps BatchNorm's eval form with the analytic statistics of its input as running
-  statistics, computed once (data-free recalibration).
+  statistics, computed once (data-free recalibration), or with statistics measured on data
+  (``calibrate="data"``).
+
+Calibration (:mod:`graphnorm.calibration`): in the analytic, reparam and NormProp modes each normalizer can be
+calibrated to target statistics, by default the running statistics of a trained BatchNorm, so that the
+converted model computes what the original computes in eval at conversion (MATH.md section 7).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +35,8 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 from torch import fx
 
+from .agreement import Agreement, compare_outputs
+from .calibration import Calibrate, has_trained_statistics, measure_batchnorm_inputs, resolve_calibration
 from .converted import ConvertedModule, StatisticsState
 from .errors import GraphnormError
 from .normalizers import (
@@ -37,6 +44,7 @@ from .normalizers import (
     RELU_STD,
     AnalyticNorm,
     BatchNoise,
+    Calibration,
     ChannelAffine,
     FixedBatchNorm,
     NormalizedBias,
@@ -46,7 +54,7 @@ from .normalizers import (
 )
 from .ops import spelling_of
 from .propagate import MomentPropagator, MomentTable
-from .rules.normalizers import REPARAM
+from .rules.normalizers import REPARAM, raw_layer_output
 from .stats import InputStats
 from .trace import OP_KEY, trace
 
@@ -58,12 +66,13 @@ MODES = ("analytic", "reparam", "normprop", "fixed")
 
 @dataclass(frozen=True)
 class Rewrite:
-    """One BatchNorm call site and what it became."""
+    """One BatchNorm call site and what it became, and what its statistics were calibrated to."""
 
     node: str
     module_path: str | None
     form: str  # "analytic", "reparam", "normprop", "fixed"
     detail: str = ""
+    calibration: str = "none"  # "running", "data" or "none"
 
 
 @dataclass(frozen=True)
@@ -77,26 +86,42 @@ class Skip:
 
 @dataclass
 class ConversionLog:
-    """What :func:`convert` did: the mode, every rewritten site, every skipped one."""
+    """What :func:`convert` did: the mode, the calibration, every rewritten site, every skipped one, and how
+    the converted model agrees with the original (:class:`~graphnorm.agreement.Agreement`, or None when not
+    checked)."""
 
     mode: str
     rewritten: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    calibration: str = "none"
+    trained_sites: int = 0  # sites whose BatchNorm had trained running statistics
+    agreement: Agreement | None = None
 
     @property
     def counts(self) -> dict[str, int]:
         """Rewritten sites per form, e.g. ``{"reparam": 19, "analytic": 1}``."""
         return dict(Counter(r.form for r in self.rewritten))
 
+    @property
+    def calibrated(self) -> int:
+        """How many sites were calibrated."""
+        return sum(r.calibration != "none" for r in self.rewritten)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "counts": self.counts, "rewritten": [asdict(r) for r in self.rewritten],
-                "skipped": [asdict(s) for s in self.skipped]}
+        return {"mode": self.mode, "calibration": self.calibration, "trained_sites": self.trained_sites,
+                "counts": self.counts,
+                "rewritten": [asdict(r) for r in self.rewritten], "skipped": [asdict(s) for s in self.skipped],
+                "agreement": self.agreement.to_dict() if self.agreement is not None else None}
 
     def __str__(self) -> str:
         forms = ", ".join(f"{count} {form}" for form, count in self.counts.items()) or "none"
+        calibrated = ("not calibrated" if self.calibration == "none"
+                      else f"{self.calibrated} calibrated to {self.calibration} statistics")
         lines = [f"mode {self.mode}: {len(self.rewritten)} BatchNorm call site(s) rewritten ({forms}), "
-                 f"{len(self.skipped)} skipped"]
+                 f"{len(self.skipped)} skipped, {calibrated}"]
         lines += [f"  skipped {s.node} ({s.module_path or 'functional'}): {s.reason}" for s in self.skipped]
+        if self.agreement is not None:
+            lines.append(f"  agreement with the original: {self.agreement}")
         return "\n".join(lines)
 
 
@@ -109,6 +134,7 @@ class BatchNormSite:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     eps: float
+    tracked_batches: int | None = None  # num_batches_tracked of a BatchNorm module
     input_name: str = field(init=False)  # the node feeding the BatchNorm in the original graph
 
     def __post_init__(self) -> None:
@@ -137,8 +163,9 @@ def find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conver
             continue
         if node.op == "call_module":
             module = graph_module.get_submodule(node.target)
+            tracked = getattr(module, "num_batches_tracked", None)
             sites.append(BatchNormSite(node, path, module.weight, module.bias, module.running_mean, module.running_var,
-                               module.eps))
+                                       module.eps, None if tracked is None else int(tracked)))
             continue
         try:
             args = [node.args[0], *(_resolve(graph_module, a) for a in node.args[1:])]
@@ -149,7 +176,7 @@ def find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conver
             continue
         _, params = spelling_of(node, graph_module).canonicalize(*args, **kwargs)
         sites.append(BatchNormSite(node, None, params["weight"], params["bias"], params["running_mean"],
-                           params["running_var"], float(params["eps"])))
+                                   params["running_var"], float(params["eps"])))
     return sites
 
 
@@ -178,15 +205,32 @@ def call_counts(graph_module: fx.GraphModule) -> Counter:
     return Counter(str(n.target) for n in graph_module.graph.nodes if n.op == "call_module")
 
 
+@dataclass
+class _PendingCalibration:
+    """A normalizer to calibrate once the converted model has computed its analytic statistics."""
+
+    calibration: Calibration
+    analytic: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (m_a, s_a) with identity calibration
+    target_mean: torch.Tensor
+    target_var: torch.Tensor
+    eps: float
+    needs_statistics: bool = True  # False for NormProp, whose implicit statistics are functions of W alone
+
+    def fit(self) -> None:
+        self.calibration.fit(*self.analytic(), self.target_mean, self.target_var, self.eps)
+
+
 class _Rewriter:
     def __init__(self, graph_module: fx.GraphModule, propagator: MomentPropagator, table: MomentTable,
-                 eps: float | None, log: ConversionLog):
+                 eps: float | None, log: ConversionLog, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.gm = graph_module
         self.graph = graph_module.graph
         self.propagator = propagator
         self.table = table
         self.eps = eps
         self.log = log
+        self.targets = targets  # BatchNorm node -> (mean, var) to calibrate to
+        self.pending: list[_PendingCalibration] = []
         self.analytic_sites: list[tuple[str, str]] = []
         self.reparam_sites: list[tuple[str, str]] = []
         self._used_names: set[str] = set()
@@ -222,6 +266,21 @@ class _Rewriter:
     def _foldable_producer(self, site: BatchNormSite) -> tuple[fx.Node | None, str]:
         return foldable_producer(self.gm, site.node, self.propagator.shapes, self._call_counts)
 
+    def _calibrate(self, site: BatchNormSite, calibration: Calibration,
+                   analytic: Callable[[], tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor | None = None,
+                   needs_statistics: bool = True) -> str:
+        """Queue ``calibration`` to be fitted to the site's target statistics, if it has any; ``bias`` is a
+        folded producer's own bias, which the target mean includes and the normalized quantity does not.
+        Returns the calibration source for the log."""
+        target = self.targets.get(site.node.name)
+        if target is None:
+            return "none"
+        mean, var = target
+        if bias is not None:
+            mean = mean - bias.detach().to(mean)
+        self.pending.append(_PendingCalibration(calibration, analytic, mean, var, site.eps, needs_statistics))
+        return self.log.calibration
+
     # -- the rewrites ----------------------------------------------------------------------------------------------
     def analytic(self, site: BatchNormSite, stochastic_batch: int | None, detail: str = "") -> None:
         x = site.node.args[0]
@@ -231,14 +290,18 @@ class _Rewriter:
         name = self._install(site.module_path or f"{site.node.name}_norm", norm)
         self._replace_node(site.node, name, x)
         self.analytic_sites.append((name, x.name))
-        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "analytic", detail))
+        calibrated = self._calibrate(site, norm.calibration, norm.normalizing_statistics)
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "analytic", detail, calibrated))
 
     def fixed(self, site: BatchNormSite) -> None:
-        mean, var = self._input_moments(site)
-        fixed = FixedBatchNorm(mean, var, site.weight, site.bias, self._site_eps(site))
+        target = self.targets.get(site.node.name)
+        mean, var = target if target is not None else self._input_moments(site)
+        fixed = FixedBatchNorm(mean.float(), var.float(), site.weight, site.bias, self._site_eps(site))
         name = self._install(site.module_path or f"{site.node.name}_fixed", fixed)
         self._replace_node(site.node, name, site.node.args[0])
-        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed"))
+        detail = "statistics measured on data" if target is not None else "analytic statistics"
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed", detail,
+                                          self.log.calibration if target is not None else "none"))
 
     def reparam(self, site: BatchNormSite, stochastic_batch: int | None) -> None:
         producer, why_not = self._foldable_producer(site)
@@ -246,10 +309,11 @@ class _Rewriter:
             self.analytic(site, stochastic_batch, f"fallback: {why_not}")
             return
         layer = self.gm.get_submodule(producer.target)
-        mean, var = self.table[producer.args[0].name].mean.detach(), self.table[producer.args[0].name].var.detach()
+        own_bias = None if layer.bias is None else layer.bias.detach().clone()
         groups = getattr(layer, "groups", 1)
-        state = ReparamState(layer.weight, groups, self._site_eps(site))
-        state.update(mean, var)
+        state = ReparamState(groups, self._site_eps(site), tuple(self.propagator.shapes[producer.name]),
+                             Calibration(layer.weight.shape[0]))
+        state.update(*self._raw_statistics(layer, producer))
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
                                                   device=layer.weight.device), requires_grad=False)
@@ -268,21 +332,29 @@ class _Rewriter:
                 noisy = self.graph.call_module(name, (producer,))
             producer.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
             detail += f", BatchNorm noise of batch {stochastic_batch} after it"
-        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "reparam", detail))
+        calibrated = self._calibrate(site, state.calibration, lambda: (state.mu, state.sigma), own_bias)
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "reparam", detail, calibrated))
 
-    def normprop(self, site: BatchNormSite, c: float) -> None:
+    def _raw_statistics(self, layer: nn.Module, producer: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            raw = raw_layer_output(layer, self.table[producer.args[0].name], self.propagator.shapes[producer.name])
+        return raw.mean, raw.var
+
+    def normprop(self, site: BatchNormSite, c: float, post_relu_correction: bool) -> None:
         producer, why_not = self._foldable_producer(site)
         if producer is None:
             self.analytic(site, None, f"fallback: {why_not}")
             return
         layer = self.gm.get_submodule(producer.target)
-        name = self._install(str(producer.target), NormPropLayer(layer, site.weight, site.bias, c))
+        own_bias = None if layer.bias is None else layer.bias.detach().clone()
+        normprop = NormPropLayer(layer, site.weight, site.bias, c)
+        name = self._install(str(producer.target), normprop)
         new = self._replace_node(producer, name, producer.args[0])
         site.node.replace_all_uses_with(new)
         self.graph.erase_node(site.node)
         detail = f"'{producer.target}' normalized by its weight norm"
         users = list(new.users)
-        if len(users) == 1 and users[0].meta.get(OP_KEY) == "relu":
+        if post_relu_correction and len(users) == 1 and users[0].meta.get(OP_KEY) == "relu":
             relu = users[0]
             correction = self._install(f"{relu.name}_normprop",
                                        ChannelAffine(1.0 / RELU_STD, -RELU_MEAN / RELU_STD))
@@ -290,7 +362,10 @@ class _Rewriter:
                 corrected = self.graph.call_module(correction, (relu,))
             relu.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
             detail += ", ReLU output re-centred and re-scaled"
-        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "normprop", detail))
+        scale = normprop.implicit_scale
+        calibrated = self._calibrate(site, normprop.calibration, lambda: (torch.zeros_like(scale()), scale()),
+                                     own_bias, needs_statistics=False)
+        self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "normprop", detail, calibrated))
 
     def standardize_input(self, stats: InputStats) -> None:
         placeholder = next(n for n in self.graph.nodes if n.op == "placeholder")
@@ -303,10 +378,26 @@ class _Rewriter:
         placeholder.replace_all_uses_with(standardized, delete_user_cb=lambda user: user is not standardized)
 
 
+def _calibration_targets(graph_module: fx.GraphModule, sites: list[BatchNormSite], source: str,
+                         selected: set[str], data: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if source == "running":
+        return {site.node.name: (site.running_mean.detach().double(), site.running_var.detach().double())
+                for site in sites if site.node.name in selected}
+    if source == "data":
+        training = graph_module.training
+        graph_module.eval()
+        try:
+            return measure_batchnorm_inputs(graph_module, sites, data)
+        finally:
+            graph_module.train(training)
+    return {}
+
+
 def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], mode: Mode = "analytic",
             eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
-            spatial: bool = False) -> ConvertedModule:
+            spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
+            agreement_samples: int = 64) -> ConvertedModule:
     """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
 
     Returns a new :class:`~graphnorm.converted.ConvertedModule` (a ``torch.fx.GraphModule``) with
@@ -315,6 +406,12 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     own eps. ``stochastic_batch=M`` (analytic and reparam modes) adds BatchNorm-like noise of a virtual
     batch of size M in training. ``spatial=True`` computes statistics with per-unit moments (exact zero
     padding; slower, for small images).
+
+    ``calibrate`` chooses what the normalizers' statistics are calibrated to (:mod:`graphnorm.calibration`):
+    ``"auto"`` (trained running statistics where they exist), ``"running"``, ``"data"`` (measured on ``data``)
+    or ``"none"``. ``data`` (a tensor ``[N, C, ...]`` or a re-iterable of batches) is also where the converted
+    model is compared with the original (``graphnorm_log.agreement``; with ``labels``, both accuracies);
+    without it, ``agreement_samples`` inputs are drawn from ``stats`` (0 skips the comparison).
     """
     if mode not in MODES:
         raise GraphnormError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -324,6 +421,8 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         raise GraphnormError(f"stochastic_batch must be an integer >= 4, got {stochastic_batch!r}")
     if normprop_c <= 0:
         raise GraphnormError(f"normprop_c must be positive, got {normprop_c}")
+    if agreement_samples < 0:
+        raise GraphnormError(f"agreement_samples must be >= 0, got {agreement_samples}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
     graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args)
@@ -332,8 +431,12 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     with torch.no_grad():
         table = propagator.run(stats)
     log = ConversionLog(mode)
-    rewriter = _Rewriter(graph_module, propagator, table, eps, log)
-    for site in find_sites(graph_module, propagator.random_nodes, log):
+    sites = find_sites(graph_module, propagator.random_nodes, log)
+    log.calibration, selected = resolve_calibration(calibrate, mode, sites, data)
+    log.trained_sites = sum(has_trained_statistics(site) for site in sites)
+    targets = _calibration_targets(graph_module, sites, log.calibration, selected, data)
+    rewriter = _Rewriter(graph_module, propagator, table, eps, log, targets)
+    for site in sites:
         if mode == "analytic":
             rewriter.analytic(site, stochastic_batch)
         elif mode == "fixed":
@@ -341,16 +444,40 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         elif mode == "reparam":
             rewriter.reparam(site, stochastic_batch)
         else:
-            rewriter.normprop(site, normprop_c)
-    if mode == "normprop":
+            rewriter.normprop(site, normprop_c, post_relu_correction=not targets)
+    if mode == "normprop" and not targets:
         rewriter.standardize_input(stats)
     graph_module.graph.eliminate_dead_code()
     graph_module.graph.lint()
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()
     converted = ConvertedModule(graph_module, graph_module.graph, type(model).__name__ + "Converted")
-    converted.train(model.training)
     converted.graphnorm_log = log
     converted.__dict__["_graphnorm_state"] = StatisticsState(
         stats, input_shape, spatial, concrete_args, rewriter.analytic_sites, rewriter.reparam_sites)
+    if rewriter.pending:
+        _fit_calibrations(converted, rewriter.pending)
+    converted.train(model.training)
+    if agreement_samples or data is not None:
+        log.agreement = compare_outputs(model, converted, input_shape=input_shape, stats=stats, data=data,
+                                        labels=labels, samples=agreement_samples)
     return converted
+
+
+def _fit_calibrations(converted: ConvertedModule, pending: list[_PendingCalibration]) -> None:
+    """Fit every queued calibration to the analytic statistics the converted model computes itself in eval (so
+    that, at these weights, it computes exactly what BatchNorm with the target statistics computes).
+
+    NormProp's implicit statistics are functions of its weight alone: fitted first. The outputs of analytic and
+    reparam normalizers do not depend on their calibration (their rules restart from
+    ``(beta, gamma^2 v/(v+eps))``), so one pass after that gives every other site its statistics."""
+    converted.eval()
+    with torch.no_grad():
+        for item in pending:
+            if not item.needs_statistics:
+                item.fit()
+        converted.refresh_statistics(force=True)
+        for item in pending:
+            if item.needs_statistics:
+                item.fit()
+        converted.refresh_statistics(force=True)

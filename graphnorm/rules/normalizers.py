@@ -23,7 +23,6 @@ from ..normalizers import (
 from ..ops import register_instance_op, register_op
 from . import moment_rule
 from .affine import batch_norm, conv, linear
-from .kernels import kernel_moments as channel_kernel_moments
 
 REPARAM = "reparam"
 
@@ -81,31 +80,29 @@ def _layer_rule(x: Moments, layer: nn.Module, weight: torch.Tensor, bias: torch.
 
 @moment_rule("normprop_layer")
 def normprop_layer(x: Moments, *, module: NormPropLayer, out_shape: tuple[int, ...], **_) -> Moments:
-    """NormProp's layer is a Linear/Conv with weight ``gamma W/(c ||W||)`` and bias ``beta``: the affine rule
-    with that weight (AP2, independent inputs)."""
-    return _layer_rule(x, module.layer, module.effective_weight(), module.beta, out_shape)
+    """NormProp's layer is a Linear/Conv with weight ``gamma W/sigma`` and bias ``beta - gamma mu/sigma``
+    (``sigma = c ||W||``, ``mu = 0`` uncalibrated): the affine rule with them (AP2, independent inputs)."""
+    return _layer_rule(x, module.layer, *module.effective_weight_and_bias(), out_shape)
+
+
+def raw_layer_output(layer: nn.Module, x: Moments, out_shape: tuple[int, ...]) -> Moments:
+    """Moments of a folded layer's output with its raw (unparametrized) weight and no bias: the activation a
+    BatchNorm after it would have normalized, less the bias that the normalization cancels."""
+    raw = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+    return _layer_rule(x, layer, raw, None, out_shape)
 
 
 @moment_rule(REPARAM)
 def reparameterized_layer(x: Moments, *, layer: nn.Module, out_shape: tuple[int, ...], **_) -> Moments:
-    """A Linear/Conv with a BatchNorm folded into its weight: ``W_eff = gamma W/sigma``,
-    ``b_eff = beta - gamma mu/sigma`` with ``mu = W m``, ``sigma^2 = (W*W) v + eps`` from *this* input's
-    channel moments. Per channel the output is exactly ``(beta, gamma^2 (sigma^2 - eps)/sigma^2)``; per unit,
-    the affine rule with ``W_eff`` and ``b_eff``."""
-    state = layer.parametrizations.weight[0].state
-    gamma = layer.parametrizations.weight[0].gamma
-    beta = layer.parametrizations.bias[0].beta
-    raw = layer.parametrizations.weight.original
-    mu, spread = channel_kernel_moments(raw, x.mean, x.var, state.groups)
-    sigma2 = spread + state.eps
-    gamma2 = 1.0 if gamma is None else gamma.square()
-    if not x.is_per_unit:
-        mean = torch.zeros_like(mu) if beta is None else beta + torch.zeros_like(mu)
-        return Moments.per_channel(mean, gamma2 * spread / sigma2, tuple(out_shape))
-    scale = torch.rsqrt(sigma2) if gamma is None else gamma * torch.rsqrt(sigma2)
-    weight = raw * scale.reshape((-1,) + (1,) * (raw.dim() - 1))
-    bias = -mu * scale if beta is None else beta - mu * scale
-    return _layer_rule(x, layer, weight, bias, out_shape)
+    """A Linear/Conv with a BatchNorm folded into its weight, ``W_eff = gamma W/sigma``,
+    ``b_eff = beta - gamma mu/sigma``: the batch form of BatchNorm (the analytic normalizer's rule) on the raw
+    layer's output, so reparam and analytic propagate identically in every representation. Per channel that is
+    ``(beta, gamma^2 v/(v + eps))`` with ``v = (W*W) v_in``; per unit, the raw layer's unit maps normalized by
+    their channel mixture (exact)."""
+    weight_parametrization = layer.parametrizations.weight[0]
+    return batch_norm(raw_layer_output(layer, x, out_shape), running_mean=None, running_var=None,
+                      weight=weight_parametrization.gamma, bias=layer.parametrizations.bias[0].beta, training=True,
+                      eps=weight_parametrization.state.eps)
 
 
 register_op(AnalyticNorm, "analytic_norm", lambda m, x: ((x,), {"module": m, "training": m.training}))
