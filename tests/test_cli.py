@@ -3,6 +3,7 @@ real as a subprocess."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -186,3 +187,70 @@ def test_console_script_and_module_run_for_real(tmp_path) -> None:
     module = subprocess.run([sys.executable, "-m", "graphnorm", "--version"], capture_output=True, text=True,
                             timeout=120)
     assert module.returncode == 0 and graphnorm.__version__ in module.stdout
+
+
+LABELLED_SAMPLE = os.path.join(FIXTURES, "digits_sample.npz")
+
+
+def test_readme_command_reports_accuracy_before_and_after_conversion(tmp_path) -> None:
+    sample = np.load(LABELLED_SAMPLE)
+    x, y = torch.as_tensor(sample["x"]), torch.as_tensor(sample["y"])
+    original = graphnorm.loading.load_model(DIGITS).model.eval()
+    with torch.no_grad():
+        accuracy = (original(x).argmax(1) == y).double().mean().item()
+    result = run("convert", DIGITS, tmp_path / "digits.onnx", "--input-data", LABELLED_SAMPLE)
+    assert result.exit_code == 0, result.output
+    assert f"original {100 * accuracy:.2f}%, converted {100 * accuracy:.2f}%" in result.output
+    assert "top-1 100.00%" in result.output and "2 of 2 sites to running statistics" in result.output
+    summary = json.loads(run("convert", DIGITS, tmp_path / "d.onnx", "--input-data", LABELLED_SAMPLE,
+                             "--json").output)
+    agreement = summary["conversion"]["agreement"]
+    assert agreement["top1"] == 1.0 and agreement["max_relative_error"] < 1e-4 and agreement["samples"] == 64
+    assert agreement["accuracy_original"] == pytest.approx(accuracy) == agreement["accuracy_converted"]
+    assert summary["warnings"] == [] and summary["conversion"]["calibration"] == "running"
+
+
+def test_a_conversion_that_changes_the_function_warns_and_strict_fails_writing_nothing(tmp_path) -> None:
+    out = tmp_path / "x.onnx"
+    warned = run("convert", DIGITS, out, "--calibrate", "none")
+    assert warned.exit_code == 0 and out.exists()
+    assert "warning: the converted model does not compute what the original computes" in warned.output
+    assert "--calibrate auto" in warned.output
+    strict = run("convert", DIGITS, tmp_path / "y.onnx", "--calibrate", "none", "--strict")
+    assert strict.exit_code == 1 and "--strict: nothing written" in strict.output
+    assert "Traceback" not in strict.output and not (tmp_path / "y.onnx").exists()
+    lenient = run("convert", DIGITS, tmp_path / "z.onnx", "--calibrate", "none", "--strict", "--min-agreement", "0",
+                  "--max-output-error", "100")
+    assert lenient.exit_code == 0 and "warning" not in lenient.output
+
+
+def test_an_untrained_original_is_no_reference(tmp_path) -> None:
+    result = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "x.onnx", "--input-shape", "1,1,8,8", "--strict")
+    assert result.exit_code == 0, result.output
+    assert "untrained running statistics, so it is no reference" in result.output and "warning" not in result.output
+
+
+def test_calibrate_option(tmp_path) -> None:
+    missing = run("convert", DIGITS, tmp_path / "x.onnx", "--calibrate", "data")
+    assert missing.exit_code == 2 and "--input-data" in missing.output
+    measured = run("convert", DIGITS, tmp_path / "x.onnx", "--calibrate", "data", "--input-data", SAMPLE, "--json")
+    assert measured.exit_code == 0, measured.output
+    conversion = json.loads(measured.output)["conversion"]
+    assert conversion["calibration"] == "data"
+    assert [site["calibration"] for site in conversion["rewritten"]] == ["data", "data"]
+    fixed = run("convert", DIGITS, tmp_path / "y.onnx", "--mode", "fixed", "--calibrate", "running")
+    assert fixed.exit_code == 1 and "calibrate='data'" in fixed.output
+
+
+def test_calibrated_pt_output_rebuilds_the_same_function(tmp_path) -> None:
+    x = torch.as_tensor(np.load(SAMPLE))
+    original = graphnorm.loading.load_model(DIGITS).model.eval()
+    for mode in ("analytic", "reparam", "normprop", "fixed"):
+        out = tmp_path / f"{mode}.pt"
+        spec_and_weights = ["graphnorm.zoo:DigitsCNN", out, "--weights", DIGITS, "--input-shape", "1,1,8,8"]
+        assert run("convert", *spec_and_weights, "--mode", mode, "--calibrate",
+                   "data" if mode == "fixed" else "auto", "--input-data", SAMPLE).exit_code == 0
+        rebuilt = load_converted(out).eval()
+        with torch.no_grad():
+            reference = copy.deepcopy(original).train()(x) if mode == "fixed" else original(x)
+            torch.testing.assert_close(rebuilt(x), reference, rtol=1e-4, atol=1e-4)
