@@ -99,6 +99,43 @@ class Run:
     train_limit: int | None = None
 
 
+def sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int, steps: int, lr: float,
+              seed: int) -> tuple[list[float], str | None]:
+    """``steps`` steps of SGD (momentum 0.9, cosine decay from ``lr``) on shuffled batches of ``batch`` examples.
+    Returns the training losses and the error that stopped training early (None when it did not)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor, losses = torch.randperm(len(y), generator=generator), 0, []
+    for _ in range(steps):
+        if cursor + batch > len(y):
+            order, cursor = torch.randperm(len(y), generator=generator), 0
+        indices = order[cursor: cursor + batch]
+        cursor += batch
+        try:
+            loss = nn.functional.cross_entropy(model(x[indices]), y[indices])
+        except (RuntimeError, ValueError) as err:
+            return losses, str(err).splitlines()[0]
+        if not math.isfinite(loss.item()):
+            return losses, "diverged (non-finite loss)"
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses, None
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` in eval mode (its mode is given back)."""
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = (model(x).argmax(1) == y).float().mean().item()
+    model.train(training)
+    return result
+
+
 def train_one(run: Run) -> dict:
     torch.set_num_threads(1)
     x, y, x_test, y_test = load(run.dataset)
@@ -109,37 +146,12 @@ def train_one(run: Run) -> dict:
     model = variant(network(run.dataset), run.variant, stats, (1, *x.shape[1:])).train()
     steps = max(1, int(run.epochs * len(y) / run.batch))
     lr = run.base_lr * run.batch / REFERENCE_BATCH
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    generator = torch.Generator().manual_seed(run.seed)
-    order, cursor, losses, error = torch.randperm(len(y), generator=generator), 0, [], None
     start = time.perf_counter()
-    for _ in range(steps):
-        if cursor + run.batch > len(y):
-            order, cursor = torch.randperm(len(y), generator=generator), 0
-        batch = order[cursor: cursor + run.batch]
-        cursor += run.batch
-        try:
-            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-        except (RuntimeError, ValueError) as err:
-            error = str(err).splitlines()[0]
-            break
-        if not math.isfinite(loss.item()):
-            error = "diverged (non-finite loss)"
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    losses, error = sgd_steps(model, x, y, batch=run.batch, steps=steps, lr=lr, seed=run.seed)
     seconds = time.perf_counter() - start
-    accuracy = None
-    if error is None:
-        model.eval()
-        with torch.no_grad():
-            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    test_accuracy = accuracy(model, x_test, y_test) if error is None else None
     last_epoch = max(1, int(len(y) / run.batch))
-    return {**asdict(run), "steps": steps, "lr": lr, "test_accuracy": accuracy, "error": error,
+    return {**asdict(run), "steps": steps, "lr": lr, "test_accuracy": test_accuracy, "error": error,
             "final_train_loss": statistics.fmean(losses[-last_epoch:]) if losses else None,
             "seconds_per_epoch": seconds / max(run.epochs, 1e-9)}
 

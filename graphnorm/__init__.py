@@ -4,9 +4,11 @@ Trace a model with torch.fx (:func:`trace`), propagate the per-channel mean and 
 distribution through its graph analytically (:func:`propagate`), rewrite BatchNorm into normalizers whose
 statistics are functions of the weights, not of the batch (:func:`convert`), export the result to ONNX with
 onnxruntime verification (:func:`export_onnx`), and compare analytic with measured statistics
-(:func:`inspect`).
+(:func:`inspect`). A converted trained model is calibrated to its running statistics, so it computes what the
+original computes until its weights move; :class:`Agreement` in the conversion log says how closely it does.
 """
 
+from .agreement import Agreement
 from .converted import ConvertedModule
 from .errors import GraphnormError, InputStatsError, RuleError, TraceError, UnsupportedOpError
 from .export import ExportError, ExportResult, VerificationError, export_onnx
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RULES",
+    "Agreement",
     "ConversionLog",
     "ConvertedModule",
     "ExportError",

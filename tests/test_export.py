@@ -126,3 +126,28 @@ def test_freezing_needs_no_moment_rules(tmp_path) -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(36)).eval()
     result = graphnorm.export_onnx(model, tmp_path / "ln.onnx", input_shape=(1, 1, 5, 5))
     assert "BatchNormalization" not in result.op_counts and "Conv" in result.op_counts
+
+
+@pytest.mark.parametrize("mode", ["analytic", "reparam", "normprop"])
+def test_readme_onnx_file_computes_what_the_original_computes(mode: str, tmp_path) -> None:
+    """The README's main job: the exported digits model against the original PyTorch model (running
+    statistics), through onnxruntime, on the 1797 sklearn digits."""
+    import onnxruntime
+    from click.testing import CliRunner
+    from sklearn.datasets import load_digits
+
+    from graphnorm.cli import main
+
+    path = tmp_path / "digits.onnx"
+    result = CliRunner().invoke(main, ["convert", os.path.join(FIXTURES, "digits_cnn.pt"), str(path), "--mode", mode,
+                                       "--input-data", os.path.join(FIXTURES, "digits_sample.npz")])
+    assert result.exit_code == 0, result.output
+    images = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    original = load_model(os.path.join(FIXTURES, "digits_cnn.pt")).model.eval()
+    with torch.no_grad():
+        reference = original(images)
+    assert (exported.argmax(1) == reference.argmax(1)).double().mean() >= 0.999
+    relative = (exported - reference).norm(dim=1) / reference.norm(dim=1)
+    assert relative.max() < 1e-4
