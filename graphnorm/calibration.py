@@ -81,9 +81,9 @@ def resolve_calibration(calibrate: str, mode: str, sites: list[Any], data: Any) 
     return "none", set()
 
 
-def _batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(data: Any, batch_size: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     for batch in iter_batches(data):
-        yield from batch.split(batch_size)
+        yield from (batch.to(dtype) if batch.is_floating_point() else batch).split(batch_size)
 
 
 def _batchnorm_ancestors(graph_module: fx.GraphModule, bn_nodes: set[str]) -> dict[str, set[str]]:
@@ -105,14 +105,17 @@ def measure_batchnorm_inputs(graph_module: fx.GraphModule, sites: list[Any], dat
     BatchNorm upstream of it normalizing with its own measured statistics.
 
     One pass over the data per BatchNorm depth level: a pass measures the sites whose upstream BatchNorms are
-    all measured already. ``graph_module`` must be in eval mode (nothing is updated)."""
+    all measured already. ``graph_module`` must be in eval mode (nothing is updated); floating-point data is cast
+    to the dtype of its parameters."""
+    parameter = next((p for p in graph_module.parameters() if p.is_floating_point()), None)
+    dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
     by_name = {site.node.name: site for site in sites}
     ancestors = _batchnorm_ancestors(graph_module, set(by_name))
     measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     while len(measured) < len(by_name):
         ready = [name for name in by_name if name not in measured and ancestors[name] <= measured.keys()]
         inputs = {name: by_name[name].input_name for name in ready}
-        accumulators = measure(graph_module, _batches(data, batch_size), set(inputs.values()),
+        accumulators = measure(graph_module, _batches(data, batch_size, dtype), set(inputs.values()),
                                batchnorm_statistics=measured)
         for name, input_name in inputs.items():
             if input_name not in accumulators:

@@ -221,3 +221,14 @@ def test_agreement_without_data_samples_the_input_statistics_and_leaves_modes_al
     skipped = graphnorm.convert(model, STATS3, input_shape=(1, 3, 8, 8), agreement_samples=0)
     assert skipped.graphnorm_log.agreement is None
     assert skipped.graphnorm_log.to_dict()["agreement"] is None
+
+
+def test_data_calibration_accepts_float64_data_and_a_loader() -> None:
+    model, images, _ = digits()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images.double()), batch_size=100)
+    from_loader = graphnorm.convert(model, InputStats.from_data(images), input_shape=(1, 1, 8, 8), calibrate="data",
+                                    data=loader, agreement_samples=0).eval()
+    from_tensor = graphnorm.convert(model, InputStats.from_data(images), input_shape=(1, 1, 8, 8), calibrate="data",
+                                    data=images, agreement_samples=0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_loader(images), from_tensor(images), rtol=1e-5, atol=1e-5)
