@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,3 +62,42 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def announce(path: Path) -> None:
     print(f"\nwritten to {path}")
+
+
+@dataclass
+class GridRun:
+    """One run of a training grid: what a training benchmark's runs have in common."""
+
+    dataset: str
+    variant: str
+    batch: int
+    seed: int
+    epochs: float
+    base_lr: float
+
+
+def grid_parser(description: str, *, variants: Sequence[str], batches: Sequence[int], quick: str
+                ) -> argparse.ArgumentParser:
+    """The options every training grid shares: --quick, --datasets, --variants, --batches, --seeds, --workers."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--variants", nargs="+", default=list(variants))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(batches))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def run_grid(function: Callable[[object], dict], jobs: list, workers: int) -> list[dict]:
+    """``function`` over ``jobs``, in ``workers`` spawned processes when more than one."""
+    if workers <= 1:
+        return [function(job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(function, jobs, chunksize=1)
+
+
+def failures(runs: list[dict]) -> dict[str, object]:
+    """How many runs of a group failed, and the distinct errors."""
+    return {"failed": sum(r["error"] is not None for r in runs),
+            "errors": sorted({r["error"] for r in runs if r["error"]})}

@@ -8,7 +8,9 @@ translation by one pixel down and right for the 8x8 digits or by 4 samples for M
 fine-tuning set is 500 shifted training examples, the test set the shifted held-out split.
 
 How the BatchNorms are handled during fine-tuning, everything else equal (SGD, momentum 0.9, cosine decay,
-learning rate ``base * B/32``, the same number of examples):
+learning rate ``base * B/32``, the same number of examples; the base learning rate is chosen per variant, data
+set and batch size from a small grid by the accuracy on 500 other shifted training examples, as a user tuning
+on a validation set would):
 
 - ``batchnorm``: BatchNorm in train mode (batch statistics; running statistics updated, used in eval);
 - ``frozen``: ``torchvision.ops.FrozenBatchNorm2d`` (statistics and affine frozen, what detection models do);
@@ -27,9 +29,7 @@ Accuracy on the shifted test set is recorded before fine-tuning (step 0) and aft
 
 from __future__ import annotations
 
-import argparse
 import copy
-import multiprocessing
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from common import markdown_table, write_result
+from common import GridRun, failures, grid_parser, markdown_table, run_grid, write_result
 from torchvision.ops import FrozenBatchNorm2d
 from train import accuracy, load, network, sgd_steps
 
@@ -110,20 +110,19 @@ def prepare(model: nn.Module, name: str, x_finetune: torch.Tensor) -> nn.Module:
 
 
 @dataclass
-class Run:
-    dataset: str
-    variant: str
-    batch: int
-    seed: int
-    epochs: float
-    base_lr: float
+class Run(GridRun):
     examples: int
+
+
+VALIDATION_EXAMPLES = 500
 
 
 def finetune_one(run: Run, model: nn.Module) -> dict:
     torch.set_num_threads(1)
     x, y, x_test, y_test = load(run.dataset)
     x_finetune, y_finetune = shifted(x[: run.examples], seed=1), y[: run.examples]
+    end = run.examples + VALIDATION_EXAMPLES
+    x_validation, y_validation = shifted(x[run.examples: end], seed=3), y[run.examples: end]
     x_test = shifted(x_test, seed=2)
     torch.manual_seed(run.seed)
     tuned = prepare(model, run.variant, x_finetune)
@@ -138,6 +137,7 @@ def finetune_one(run: Run, model: nn.Module) -> dict:
     seconds = time.perf_counter() - start
     return {**asdict(run), "steps": steps, "lr": lr, "accuracy_before": before, "error": error,
             "accuracy_after": accuracy(tuned, x_test, y_test) if error is None else None,
+            "validation_after": accuracy(tuned, x_validation, y_validation) if error is None else None,
             "final_train_loss": statistics.fmean(losses[-max(1, len(losses) // 5):]) if losses else None,
             "seconds": seconds}
 
@@ -147,17 +147,25 @@ def _finetune_star(arguments: tuple[Run, nn.Module]) -> dict:
 
 
 def summarize(results: list[dict]) -> list[dict]:
+    """One row per data set, variant and batch size, at the base learning rate with the best mean validation
+    accuracy (a failed run counts as 0)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["dataset"], r["variant"], r["batch"]), []).append(r)
+        groups.setdefault((r["dataset"], r["variant"], r["batch"], r["base_lr"]), []).append(r)
+    best: dict[tuple, tuple[float, float]] = {}
+    for (dataset, name, batch, base_lr), runs in groups.items():
+        validation = statistics.fmean(r["validation_after"] or 0.0 for r in runs)
+        if (dataset, name, batch) not in best or validation > best[(dataset, name, batch)][0]:
+            best[(dataset, name, batch)] = (validation, base_lr)
     rows = []
-    for (dataset, name, batch), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2],
-                                                                                VARIANTS.index(kv[0][1]))):
+    for (dataset, name, batch), (validation, base_lr) in sorted(
+            best.items(), key=lambda kv: (kv[0][0], kv[0][2], VARIANTS.index(kv[0][1]))):
+        runs = groups[(dataset, name, batch, base_lr)]
         after = [r["accuracy_after"] for r in runs if r["accuracy_after"] is not None]
-        rows.append({"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs),
-                     "failed": sum(r["error"] is not None for r in runs),
-                     "errors": sorted({r["error"] for r in runs if r["error"]}),
+        rows.append({"dataset": dataset, "variant": name, "batch": batch, "base_lr": base_lr, "seeds": len(runs),
+                     **failures(runs),
                      "before": statistics.fmean(r["accuracy_before"] for r in runs),
+                     "validation": validation,
                      "after_mean": statistics.fmean(after) if after else None,
                      "after_std": statistics.pstdev(after) if len(after) > 1 else 0.0,
                      "seconds": statistics.fmean(r["seconds"] for r in runs)})
@@ -165,35 +173,28 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: digits, batch 2, 1 seed, 100 examples")
-    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCH_SIZES))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = grid_parser(__doc__.splitlines()[0], variants=VARIANTS, batches=BATCH_SIZES,
+                         quick="smoke run: digits, batch 2, 1 seed, 100 examples")
     parser.add_argument("--epochs", type=float, default=5.0, help="passes over the fine-tuning set")
-    parser.add_argument("--base-lr", type=float, default=0.02, help="learning rate at batch 32 (scaled by B/32)")
+    parser.add_argument("--base-lrs", type=float, nargs="+", default=[0.005, 0.02, 0.08],
+                        help="learning rates at batch 32 (scaled by B/32) to choose from by validation accuracy")
     parser.add_argument("--examples", type=int, default=FINETUNE_EXAMPLES)
-    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if args.quick:
         args.datasets, args.batches, args.seeds, args.epochs, args.examples = ["digits"], [2], 1, 1.0, 100
+        args.base_lrs = [0.02]
     start = time.perf_counter()
     models = {dataset: pretrained(dataset) for dataset in args.datasets}
-    jobs = [(Run(d, v, b, s, args.epochs, args.base_lr, args.examples), models[d]) for d in args.datasets
-            for v in args.variants for b in args.batches for s in range(args.seeds)]
-    if args.workers > 1:
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(_finetune_star, jobs, chunksize=1)
-    else:
-        results = [finetune_one(*job) for job in jobs]
+    jobs = [(Run(d, v, b, s, args.epochs, lr, args.examples), models[d]) for d in args.datasets
+            for v in args.variants for b in args.batches for lr in args.base_lrs for s in range(args.seeds)]
+    results = run_grid(_finetune_star, jobs, args.workers)
     rows = summarize(results)
     name = "finetune_quick" if args.quick else "finetune"
     path = write_result(name, {"args": vars(args), "seconds": time.perf_counter() - start, "runs": results,
                                "rows": rows})
     print(markdown_table(
-        ["data", "batch", "variant", "step 0", "after fine-tuning (mean ± std)", "s/run", "failed"],
-        [[r["dataset"], str(r["batch"]), r["variant"], f"{100 * r['before']:.1f}",
+        ["data", "batch", "variant", "base lr", "step 0", "after fine-tuning (mean ± std)", "s/run", "failed"],
+        [[r["dataset"], str(r["batch"]), r["variant"], f"{r['base_lr']:g}", f"{100 * r['before']:.1f}",
           "-" if r["after_mean"] is None else f"{100 * r['after_mean']:.1f} ± {100 * r['after_std']:.1f}",
           f"{r['seconds']:.1f}", f"{r['failed']}/{r['seeds']}"] for r in rows]))
     print(f"\n{len(jobs)} runs in {time.perf_counter() - start:.0f} s; written to {path.name}")

@@ -12,17 +12,15 @@ examples with the same optimizer (SGD, momentum 0.9, learning rate ``base * B/32
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import multiprocessing
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from common import markdown_table, write_result
+from common import GridRun, failures, grid_parser, markdown_table, run_grid, write_result
 
 import graphnorm
 from graphnorm.zoo import DigitsCNN
@@ -89,13 +87,7 @@ def variant(model: nn.Module, name: str, stats: graphnorm.InputStats, shape: tup
 
 
 @dataclass
-class Run:
-    dataset: str
-    variant: str
-    batch: int
-    seed: int
-    epochs: float
-    base_lr: float
+class Run(GridRun):
     train_limit: int | None = None
 
 
@@ -165,9 +157,7 @@ def summarize(results: list[dict]) -> list[dict]:
                                                                                 kv[0][2])):
         accuracies = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
         losses = [r["final_train_loss"] for r in runs if r["final_train_loss"] is not None]
-        rows.append({"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs),
-                     "failed": sum(r["error"] is not None for r in runs),
-                     "errors": sorted({r["error"] for r in runs if r["error"]}),
+        rows.append({"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs), **failures(runs),
                      "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
                      "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
                      "train_loss": statistics.fmean(losses) if losses else None,
@@ -176,15 +166,10 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: digits, batch 2 and 32, 1 seed, 1 epoch")
-    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCH_SIZES))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = grid_parser(__doc__.splitlines()[0], variants=VARIANTS, batches=BATCH_SIZES,
+                         quick="smoke run: digits, batch 2 and 32, 1 seed, 1 epoch")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--base-lr", type=float, default=0.05)
-    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     limit = None
     if args.quick:
@@ -192,11 +177,7 @@ def main() -> None:
     runs = [Run(d, v, b, s, args.epochs, args.base_lr, limit) for d in args.datasets for v in args.variants
             for b in args.batches for s in range(args.seeds)]
     start = time.perf_counter()
-    if args.workers > 1:
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(train_one, runs, chunksize=1)
-    else:
-        results = [train_one(r) for r in runs]
+    results = run_grid(train_one, runs, args.workers)
     rows = summarize(results)
     name = "train_quick" if args.quick else "train"
     path = write_result(name, {"args": vars(args), "seconds": time.perf_counter() - start, "runs": results,

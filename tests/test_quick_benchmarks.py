@@ -1,0 +1,39 @@
+"""The training benchmarks' quick settings run and produce every variant (the full grids are not tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def run_quick(script: str, tmp_path) -> dict:
+    """Run ``benchmarks/<script>.py --quick`` with its results in ``tmp_path``; return its JSON result."""
+    env = {**os.environ, "GRAPHNORM_RESULTS": str(tmp_path)}
+    completed = subprocess.run([sys.executable, os.path.join(BENCHMARKS, f"{script}.py"), "--quick"],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads((tmp_path / f"{script}_quick.json").read_text())
+
+
+def test_quick_training_benchmark(tmp_path) -> None:
+    result = run_quick("train", tmp_path)
+    variants = {row["variant"] for row in result["rows"]}
+    assert variants == {"batchnorm", "groupnorm", "none", "analytic", "reparam", "normprop", "analytic+noise"}
+    assert all(row["accuracy_mean"] is not None or row["failed"] for row in result["rows"])
+    graphnorm_rows = [row for row in result["rows"] if row["variant"] in ("analytic", "reparam", "normprop")]
+    assert all(row["accuracy_mean"] > 0.5 for row in graphnorm_rows if row["batch"] == 2)
+
+
+def test_quick_finetune_benchmark(tmp_path) -> None:
+    """Every variant that keeps the pretrained function (all but data calibration) starts from the pretrained
+    model's accuracy on the shifted task, and fine-tuning improves every variant."""
+    rows = {row["variant"]: row for row in run_quick("finetune", tmp_path)["rows"]}
+    assert set(rows) == {"batchnorm", "frozen", "bn-eval", "analytic", "reparam", "normprop", "analytic-data"}
+    assert not any(row["failed"] for row in rows.values())
+    start = rows["batchnorm"]["before"]
+    assert all(rows[name]["before"] == start for name in ("frozen", "bn-eval", "analytic", "reparam", "normprop"))
+    assert all(row["after_mean"] > row["before"] for row in rows.values())
