@@ -72,7 +72,8 @@ def _check_virtual_batch(virtual_batch: int | None) -> None:
 
 
 class Calibration(nn.Module):
-    """Per-channel calibration of analytic statistics to target statistics (MATH.md section 7).
+    """Per-channel calibration of analytic statistics to target statistics (MATH.md section 7), with buffers
+    in the dtype and on the device of ``like`` (a parameter of the normalized layer), if given.
 
     A normalizer's analytic statistics are a mean ``m_a(W)`` and a scale ``s_a(W)`` (the analytic std with
     eps, ``sqrt(v_a + eps)``; NormProp's ``c ||W_o||``). Calibrated, it normalizes with
@@ -87,10 +88,11 @@ class Calibration(nn.Module):
     real statistics, measured in units of ``s_a``, stays constant while the weights move.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, like: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("shift", torch.zeros(channels))  # kappa
-        self.register_buffer("scale", torch.ones(channels))  # rho
+        factory = {} if like is None else {"dtype": like.dtype, "device": like.device}
+        self.register_buffer("shift", torch.zeros(channels, **factory))  # kappa
+        self.register_buffer("scale", torch.ones(channels, **factory))  # rho
 
     def fit(self, analytic_mean: torch.Tensor, analytic_scale: torch.Tensor, target_mean: torch.Tensor,
             target_var: torch.Tensor, target_eps: float) -> None:
@@ -133,7 +135,7 @@ class AnalyticNorm(nn.Module):
         self.bias = bias
         self.eps = eps
         self.stochastic_batch = stochastic_batch
-        self.calibration = Calibration(num_features)
+        self.calibration = Calibration(num_features, weight if weight is not None else bias)
         self.statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def normalizing_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +307,7 @@ class NormPropLayer(nn.Module):
         self.gamma = gamma
         self.beta = beta
         self.c = c
-        self.calibration = Calibration(layer.weight.shape[0])
+        self.calibration = Calibration(layer.weight.shape[0], layer.weight)
 
     def implicit_scale(self) -> torch.Tensor:
         """``s_a = c ||W_o||`` per output channel."""

@@ -312,7 +312,7 @@ class _Rewriter:
         own_bias = None if layer.bias is None else layer.bias.detach().clone()
         groups = getattr(layer, "groups", 1)
         state = ReparamState(groups, self._site_eps(site), tuple(self.propagator.shapes[producer.name]),
-                             Calibration(layer.weight.shape[0]))
+                             Calibration(layer.weight.shape[0], layer.weight))
         state.update(*self._raw_statistics(layer, producer))
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,

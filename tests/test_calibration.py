@@ -232,3 +232,13 @@ def test_data_calibration_accepts_float64_data_and_a_loader() -> None:
                                     data=images, agreement_samples=0).eval()
     with torch.no_grad():
         torch.testing.assert_close(from_loader(images), from_tensor(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "reparam", "normprop"])
+def test_a_float64_model_is_calibrated_to_float64_precision(mode: str) -> None:
+    model = with_running_statistics(conv_chain()).double()
+    converted = graphnorm.convert(model, STATS3, input_shape=(1, 3, 8, 8), mode=mode, agreement_samples=0).eval()
+    assert all(buffer.dtype == torch.float64 for name, buffer in converted.named_buffers() if "calibration" in name)
+    x = STATS3.sample((4, 3, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
