@@ -19,7 +19,11 @@ on a validation set would):
 - ``analytic``, ``reparam``, ``normprop``: ``graphnorm.convert`` with calibration to the running statistics
   (the default), input statistics of the fine-tuning set;
 - ``analytic-data``: ``graphnorm.convert(mode="analytic", calibrate="data")`` on the fine-tuning set (the
-  normalizers start at the statistics of the new data, then follow the weights).
+  normalizers start at the statistics of the new data, then follow the weights);
+- ``analytic-adapt``: ``graphnorm.convert(mode="analytic")`` with the input statistics of the *original*
+  training data (those the running statistics were measured under), then ``converted.input_stats`` set to the
+  statistics of the fine-tuning set: adaptation to the new inputs from their mean and std alone, no pass over
+  them.
 
 Accuracy on the shifted test set is recorded before fine-tuning (step 0) and after.
 
@@ -44,7 +48,7 @@ from train import accuracy, load, network, sgd_steps
 import graphnorm
 from graphnorm.loading import load_model
 
-VARIANTS = ("batchnorm", "frozen", "bn-eval", "analytic", "reparam", "normprop", "analytic-data")
+VARIANTS = ("batchnorm", "frozen", "bn-eval", "analytic", "reparam", "normprop", "analytic-data", "analytic-adapt")
 BATCH_SIZES = (1, 2, 8)
 REFERENCE_BATCH = 32
 FINETUNE_EXAMPLES = 500
@@ -90,7 +94,7 @@ def batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def prepare(model: nn.Module, name: str, x_finetune: torch.Tensor) -> nn.Module:
+def prepare(model: nn.Module, name: str, x_finetune: torch.Tensor, x_pretrain: torch.Tensor) -> nn.Module:
     """The pretrained model set up for fine-tuning as ``name`` says (a copy; the model is not changed)."""
     if name in ("batchnorm", "bn-eval"):
         return copy.deepcopy(model).train()
@@ -104,6 +108,10 @@ def prepare(model: nn.Module, name: str, x_finetune: torch.Tensor) -> nn.Module:
     if name == "analytic-data":
         converted = graphnorm.convert(model, stats, input_shape=shape, mode="analytic", calibrate="data",
                                       data=x_finetune, agreement_samples=0)
+    elif name == "analytic-adapt":
+        converted = graphnorm.convert(model, graphnorm.InputStats.from_data(x_pretrain), input_shape=shape,
+                                      mode="analytic", agreement_samples=0)
+        converted.input_stats = stats
     else:
         converted = graphnorm.convert(model, stats, input_shape=shape, mode=name, agreement_samples=0)
     return converted.train()
@@ -125,7 +133,7 @@ def finetune_one(run: Run, model: nn.Module) -> dict:
     x_validation, y_validation = shifted(x[run.examples: end], seed=3), y[run.examples: end]
     x_test = shifted(x_test, seed=2)
     torch.manual_seed(run.seed)
-    tuned = prepare(model, run.variant, x_finetune)
+    tuned = prepare(model, run.variant, x_finetune, x)
     before = accuracy(tuned, x_test, y_test)
     if run.variant == "bn-eval":
         for _, module in batch_norms(tuned):
@@ -176,7 +184,7 @@ def main() -> None:
     parser = grid_parser(__doc__.splitlines()[0], variants=VARIANTS, batches=BATCH_SIZES,
                          quick="smoke run: digits, batch 2, 1 seed, 100 examples")
     parser.add_argument("--epochs", type=float, default=5.0, help="passes over the fine-tuning set")
-    parser.add_argument("--base-lrs", type=float, nargs="+", default=[0.005, 0.02, 0.08],
+    parser.add_argument("--base-lrs", type=float, nargs="+", default=[0.005, 0.02, 0.08, 0.32],
                         help="learning rates at batch 32 (scaled by B/32) to choose from by validation accuracy")
     parser.add_argument("--examples", type=int, default=FINETUNE_EXAMPLES)
     args = parser.parse_args()

@@ -83,6 +83,30 @@ class ConvertedModule(fx.GraphModule):
         self.refresh_statistics()
         return super().__call__(*args, **kwargs)
 
+    @property
+    def input_stats(self) -> InputStats:
+        """The input statistics every normalizer's statistics are propagated from.
+
+        Setting new ones adapts the model to a new input distribution without data: the analytic statistics
+        follow the new input statistics, while each calibration (fitted at conversion under the old ones) keeps
+        correcting what the independence assumption misses. A model converted with the input statistics its
+        running statistics were measured under, then given the statistics of new inputs, re-normalizes for them
+        (docs/convert.md, "Adapting to new inputs")."""
+        return self._statistics_state().stats
+
+    @input_stats.setter
+    def input_stats(self, stats: InputStats) -> None:
+        state = self._statistics_state()
+        stats.validate_for(state.input_shape)
+        state.stats = stats
+        state.cache_key = None
+
+    def _statistics_state(self) -> StatisticsState:
+        state = self.__dict__.get("_graphnorm_state")
+        if state is None:
+            raise AttributeError("this ConvertedModule carries no statistics state (it was not made by convert)")
+        return state
+
     def refresh_statistics(self, *, force: bool = False) -> None:
         """Recompute the statistics now (in eval only when parameters changed, unless ``force``)."""
         state = self.__dict__.get("_graphnorm_state")

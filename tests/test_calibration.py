@@ -242,3 +242,23 @@ def test_a_float64_model_is_calibrated_to_float64_precision(mode: str) -> None:
     x = STATS3.sample((4, 3, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_new_input_statistics_adapt_a_converted_model_without_data() -> None:
+    """Swapping the input statistics re-normalizes every site for them: uncalibrated, it is the conversion with
+    those statistics; calibrated, swapping back gives the original function again."""
+    model = with_running_statistics(conv_chain())
+    shifted = InputStats([1.3, 0.2, -0.4], [0.5, 1.5, 1.0])
+    x = shifted.sample((4, 3, 8, 8), generator=torch.Generator().manual_seed(6))
+    direct = graphnorm.convert(model, shifted, input_shape=(1, 3, 8, 8), calibrate="none", agreement_samples=0)
+    swapped = graphnorm.convert(model, STATS3, input_shape=(1, 3, 8, 8), calibrate="none", agreement_samples=0)
+    swapped.input_stats = shifted
+    assert swapped.input_stats is shifted
+    torch.testing.assert_close(swapped.eval()(x), direct.eval()(x))
+    calibrated = graphnorm.convert(model, STATS3, input_shape=(1, 3, 8, 8), agreement_samples=0).eval()
+    calibrated.input_stats = shifted
+    assert (calibrated(x) - model(x)).abs().max() > 1e-2
+    calibrated.input_stats = STATS3
+    torch.testing.assert_close(calibrated(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(GraphnormError, match="channels"):
+        calibrated.input_stats = InputStats.standard(2)
