@@ -144,8 +144,11 @@ def _agreement_warnings(log: Any, min_agreement: float, max_output_error: float)
     if not problems:
         return [], []
     if not log.trained_sites:
-        return [], ["the original's BatchNorms have untrained running statistics, so it is no reference: "
-                    f"{'; '.join(problems)} is expected"]
+        return [], ["the original's BatchNorms have untrained running statistics, so it is no reference: the "
+                    f"disagreement ({'; '.join(problems)}) is expected"]
+    if log.calibration == "data":
+        return [], ["the statistics measured on the data replace the running statistics, as --calibrate data asks: "
+                    f"{'; '.join(problems)}"]
     hint = ("calibrate to the running statistics (--calibrate auto or running)" if log.calibration == "none"
             else "check the input statistics and --calibrate")
     return [f"the converted model does not compute what the original computes: {'; '.join(problems)}; {hint}"], []

@@ -235,8 +235,10 @@ def test_calibrate_option(tmp_path) -> None:
     assert missing.exit_code == 2 and "--input-data" in missing.output
     measured = run("convert", DIGITS, tmp_path / "x.onnx", "--calibrate", "data", "--input-data", SAMPLE, "--json")
     assert measured.exit_code == 0, measured.output
-    conversion = json.loads(measured.output)["conversion"]
-    assert conversion["calibration"] == "data"
+    summary = json.loads(measured.output)
+    conversion = summary["conversion"]
+    assert conversion["calibration"] == "data" and summary["warnings"] == []
+    assert any("replace the running statistics" in note for note in summary["notes"])
     assert [site["calibration"] for site in conversion["rewritten"]] == ["data", "data"]
     fixed = run("convert", DIGITS, tmp_path / "y.onnx", "--mode", "fixed", "--calibrate", "running")
     assert fixed.exit_code == 1 and "calibrate='data'" in fixed.output
