@@ -125,7 +125,7 @@ def _decisions(output: torch.Tensor) -> torch.Tensor | None:
 
 
 def compare_outputs(original: nn.Module, converted: nn.Module, *, input_shape: tuple[int, ...],
-                    stats: InputStats, data: Any = None, labels: Any = None, samples: int = 64,
+                    stats: InputStats, data: Any = None, labels: Any = None, samples: int = 16,
                     batch_size: int = 64) -> Agreement:
     """Run both models in eval on ``data`` (a tensor ``[N, C, ...]`` with optional ``labels``, or an iterable
     of batches or ``(x, y)`` pairs) or, without data, on ``samples`` inputs drawn from ``stats`` (seed 0), and

@@ -222,7 +222,7 @@ def main() -> None:
               help="Warn (fail with --strict) below this top-1 agreement with the original.")
 @click.option("--max-output-error", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Warn (fail with --strict) above this median relative output error against the original.")
-@click.option("--agreement-samples", type=click.IntRange(min=0), default=64, show_default=True,
+@click.option("--agreement-samples", type=click.IntRange(min=0), default=16, show_default=True,
               help="Inputs drawn from the input statistics for the agreement check when --input-data is not given.")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, when the converted model disagrees with the "
                                              "original beyond --min-agreement / --max-output-error.")

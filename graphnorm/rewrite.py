@@ -397,7 +397,7 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
             eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
             spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
-            agreement_samples: int = 64) -> ConvertedModule:
+            agreement_samples: int = 16) -> ConvertedModule:
     """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
 
     Returns a new :class:`~graphnorm.converted.ConvertedModule` (a ``torch.fx.GraphModule``) with
