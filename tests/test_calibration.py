@@ -262,3 +262,24 @@ def test_new_input_statistics_adapt_a_converted_model_without_data() -> None:
     torch.testing.assert_close(calibrated(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(GraphnormError, match="channels"):
         calibrated.input_stats = InputStats.standard(2)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_with_trained_statistics_keep_their_function(name: str) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).train()
+    stats = InputStats([0.2] * 3, [0.5] * 3)
+    with torch.no_grad():
+        for _ in range(2):  # running statistics as training leaves them
+            model(stats.sample((8, 3, 32, 32)))
+    model.eval()
+    x = stats.sample((4, 3, 32, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = model(x)
+    for mode in ("analytic", "reparam", "normprop"):
+        converted = graphnorm.convert(model, stats, input_shape=(1, 3, 32, 32), mode=mode, agreement_samples=0)
+        assert converted.graphnorm_log.calibrated == len(converted.graphnorm_log.rewritten) > 0
+        with torch.no_grad():
+            assert relative_errors(converted.eval()(x), reference).max() < 1e-4
