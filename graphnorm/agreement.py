@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import GraphnormError
+from .graphs import parameter_dtype
 from .stats import InputStats
 
 __all__ = ["Agreement", "compare_outputs", "evaluating"]
@@ -105,11 +106,6 @@ def _sampled_batches(stats: InputStats, input_shape: tuple[int, ...], samples: i
         yield stats.sample((min(batch_size, samples - start), *input_shape[1:]), generator=generator), None
 
 
-def _parameter_dtype(model: nn.Module) -> torch.dtype:
-    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return parameter.dtype if parameter is not None else torch.get_default_dtype()
-
-
 def _tensors(output: Any) -> list[torch.Tensor]:
     leaves = [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
     if not leaves:
@@ -138,7 +134,7 @@ def compare_outputs(original: nn.Module, converted: nn.Module, *, input_shape: t
     max_abs, matches, decisions = 0.0, 0, 0
     correct = {"original": 0, "converted": 0}
     labelled = 0
-    dtype = _parameter_dtype(original)
+    dtype = parameter_dtype(original)
     with evaluating(original, converted), torch.no_grad():
         for x, y in batches:
             x = x.to(dtype) if x.is_floating_point() else x

@@ -31,6 +31,7 @@ import torch
 from torch import fx
 
 from .errors import GraphnormError
+from .graphs import parameter_dtype
 from .measure import measure
 from .stats import iter_batches
 
@@ -107,8 +108,7 @@ def measure_batchnorm_inputs(graph_module: fx.GraphModule, sites: list[Any], dat
     One pass over the data per BatchNorm depth level: a pass measures the sites whose upstream BatchNorms are
     all measured already. ``graph_module`` must be in eval mode (nothing is updated); floating-point data is cast
     to the dtype of its parameters."""
-    parameter = next((p for p in graph_module.parameters() if p.is_floating_point()), None)
-    dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+    dtype = parameter_dtype(graph_module)
     by_name = {site.node.name: site for site in sites}
     ancestors = _batchnorm_ancestors(graph_module, set(by_name))
     measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -29,6 +29,7 @@ from torch import fx
 
 from .converted import ConvertedModule
 from .errors import GraphnormError
+from .graphs import parameter_dtype
 from .normalizers import AnalyticNorm, BatchNoise, ChannelAffine, NormPropLayer
 from .propagate import extra_inputs, infer_shapes
 from .rewrite import ConversionLog, call_counts, find_sites, foldable_producer
@@ -83,9 +84,8 @@ class _Freezer:
         self.gm = graph_module
         self.graph = graph_module.graph
         # Freezing needs shapes, not moments: a model with ops that have no moment rule still freezes.
-        parameter = next((p for p in graph_module.parameters() if p.is_floating_point()), None)
-        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
-        self.shapes = infer_shapes(graph_module, input_shape, dtype, extra_inputs(graph_module, concrete_args or {}))
+        self.shapes = infer_shapes(graph_module, input_shape, parameter_dtype(graph_module),
+                                   extra_inputs(graph_module, concrete_args or {}))
         self.counts = call_counts(graph_module)
         self.added = 0
 

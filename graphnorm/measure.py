@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .graphs import ancestors
 from .ops import canonical_call
 from .stats import ChannelAccumulator
 
@@ -25,7 +26,7 @@ class _Recorder(fx.Interpreter):
                  batchnorm_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__(graph_module, garbage_collect_values=True)
         self.nodes = nodes
-        self.needed = _ancestors(graph_module, nodes)
+        self.needed = ancestors(graph_module.graph, nodes)
         self.accumulators = accumulators
         self.batchnorm_statistics = batchnorm_statistics
 
@@ -47,16 +48,6 @@ class _Recorder(fx.Interpreter):
         _, inputs, params = canonical_call(node, self.module, args, kwargs)
         x = inputs[0]
         return F.batch_norm(x, mean.to(x), var.to(x), params["weight"], params["bias"], False, 0.0, params["eps"])
-
-
-def _ancestors(graph_module: fx.GraphModule, nodes: set[str]) -> set[str]:
-    """``nodes`` and every node they depend on."""
-    needed: set[str] = set()
-    for node in reversed(graph_module.graph.nodes):
-        if node.name in nodes or node.name in needed:
-            needed.add(node.name)
-            needed.update(arg.name for arg in node.all_input_nodes)
-    return needed
 
 
 def analytic_batchnorm_statistics(graph_module: fx.GraphModule, table: Mapping[str, Any]

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import fx
 
 from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError
+from .graphs import ancestors, parameter_dtype
 from .moments import Moments
 from .ops import canonical_call, target_name
 from .rules import RULES
@@ -135,8 +136,7 @@ class MomentPropagator:
         """The dtype of the moments: as given, else that of the model's parameters now."""
         if self._dtype is not None:
             return self._dtype
-        parameter = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
-        return parameter.dtype if parameter is not None else torch.get_default_dtype()
+        return parameter_dtype(self.graph_module)
 
     def _find_random_nodes(self) -> set[str]:
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
@@ -151,17 +151,10 @@ class MomentPropagator:
 
     def _ancestors(self, targets: set[str]) -> set[str]:
         """The nodes a pass must run to reach ``targets`` (the targets included)."""
-        nodes = {node.name: node for node in self.graph_module.graph.nodes}
-        unknown = sorted(targets - nodes.keys())
+        unknown = sorted(targets - {node.name for node in self.graph_module.graph.nodes})
         if unknown:
             raise GraphnormError(f"targets {unknown} are not nodes of the traced graph")
-        needed, stack = set(), list(targets)
-        while stack:
-            name = stack.pop()
-            if name not in needed:
-                needed.add(name)
-                stack.extend(arg.name for arg in nodes[name].all_input_nodes)
-        return needed
+        return ancestors(self.graph_module.graph, targets)
 
     def _check_rules(self) -> None:
         missing = []

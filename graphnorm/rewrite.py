@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 from torch import fx
 
-from .agreement import Agreement, compare_outputs
+from .agreement import Agreement, compare_outputs, evaluating
 from .calibration import Calibrate, has_trained_statistics, measure_batchnorm_inputs, resolve_calibration
 from .converted import ConvertedModule, StatisticsState
 from .errors import GraphnormError
@@ -384,12 +384,8 @@ def _calibration_targets(graph_module: fx.GraphModule, sites: list[BatchNormSite
         return {site.node.name: (site.running_mean.detach().double(), site.running_var.detach().double())
                 for site in sites if site.node.name in selected}
     if source == "data":
-        training = graph_module.training
-        graph_module.eval()
-        try:
+        with evaluating(graph_module):
             return measure_batchnorm_inputs(graph_module, sites, data)
-        finally:
-            graph_module.train(training)
     return {}
 
 

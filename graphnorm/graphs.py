@@ -1,0 +1,26 @@
+"""Small helpers on modules and fx graphs that several passes share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+__all__ = ["ancestors", "parameter_dtype"]
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter (the default dtype if it has none)."""
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return parameter.dtype if parameter is not None else torch.get_default_dtype()
+
+
+def ancestors(graph: fx.Graph, names: Iterable[str]) -> set[str]:
+    """The nodes named ``names`` and every node they depend on (names that are not in the graph are ignored)."""
+    needed = set(names)
+    for node in reversed(graph.nodes):
+        if node.name in needed:
+            needed.update(arg.name for arg in node.all_input_nodes)
+    return needed
