@@ -303,13 +303,22 @@ class _Rewriter:
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "fixed", detail,
                                           self.log.calibration if target is not None else "none"))
 
-    def reparam(self, site: BatchNormSite, stochastic_batch: int | None) -> None:
+    def _fold_or_fall_back(self, site: BatchNormSite, stochastic_batch: int | None
+                           ) -> tuple[fx.Node, nn.Module, torch.Tensor | None] | None:
+        """The Linear/Conv node and module to fold ``site`` into, with the module's own bias (inside a
+        calibration target, outside the folded statistics); None after falling back to the analytic normalizer."""
         producer, why_not = self._foldable_producer(site)
         if producer is None:
             self.analytic(site, stochastic_batch, f"fallback: {why_not}")
-            return
+            return None
         layer = self.gm.get_submodule(producer.target)
-        own_bias = None if layer.bias is None else layer.bias.detach().clone()
+        return producer, layer, None if layer.bias is None else layer.bias.detach().clone()
+
+    def reparam(self, site: BatchNormSite, stochastic_batch: int | None) -> None:
+        folding = self._fold_or_fall_back(site, stochastic_batch)
+        if folding is None:
+            return
+        producer, layer, own_bias = folding
         groups = getattr(layer, "groups", 1)
         state = ReparamState(groups, self._site_eps(site), tuple(self.propagator.shapes[producer.name]),
                              Calibration(layer.weight.shape[0], layer.weight))
@@ -341,12 +350,10 @@ class _Rewriter:
         return raw.mean, raw.var
 
     def normprop(self, site: BatchNormSite, c: float, post_relu_correction: bool) -> None:
-        producer, why_not = self._foldable_producer(site)
-        if producer is None:
-            self.analytic(site, None, f"fallback: {why_not}")
+        folding = self._fold_or_fall_back(site, None)
+        if folding is None:
             return
-        layer = self.gm.get_submodule(producer.target)
-        own_bias = None if layer.bias is None else layer.bias.detach().clone()
+        producer, layer, own_bias = folding
         normprop = NormPropLayer(layer, site.weight, site.bias, c)
         name = self._install(str(producer.target), normprop)
         new = self._replace_node(producer, name, producer.args[0])
