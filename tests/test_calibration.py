@@ -283,3 +283,17 @@ def test_torchvision_models_with_trained_statistics_keep_their_function(name: st
         assert converted.graphnorm_log.calibrated == len(converted.graphnorm_log.rewritten) > 0
         with torch.no_grad():
             assert relative_errors(converted.eval()(x), reference).max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["analytic", "reparam", "normprop"])
+def test_calibration_travels_with_copies_and_state_dicts(mode: str) -> None:
+    model = with_running_statistics(conv_chain())
+    converted = graphnorm.convert(model, STATS3, input_shape=(1, 3, 8, 8), mode=mode, agreement_samples=0).eval()
+    fresh = graphnorm.convert(conv_chain(), STATS3, input_shape=(1, 3, 8, 8), mode=mode, calibrate="running",
+                              agreement_samples=0).eval()
+    fresh.load_state_dict(converted.state_dict())
+    x = STATS3.sample((3, 3, 8, 8), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        reference = model(x)
+        for copied in (copy.deepcopy(converted), fresh):
+            torch.testing.assert_close(copied(x), reference, rtol=1e-4, atol=1e-5)
