@@ -107,10 +107,22 @@ def _sampled_batches(stats: InputStats, input_shape: tuple[int, ...], samples: i
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
-    leaves = [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+    """The floating-point output tensors (batch first), each as ``[N, -1]``-reshapable."""
+    leaves = [leaf for leaf in tree_leaves(output)
+              if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dim() >= 1]
     if not leaves:
         raise GraphnormError("the model's output holds no floating-point tensor to compare")
     return leaves
+
+
+def _run(model: nn.Module, x: torch.Tensor, which: str) -> list[torch.Tensor]:
+    try:
+        return _tensors(model(x))
+    except (RuntimeError, ValueError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GraphnormError(f"the agreement check could not run the {which} model on a batch of shape "
+                             f"{tuple(x.shape)}: {reason}; skip the check with agreement_samples=0 "
+                             "(--agreement-samples 0) or give data it accepts") from err
 
 
 def _decisions(output: torch.Tensor) -> torch.Tensor | None:
@@ -138,10 +150,10 @@ def compare_outputs(original: nn.Module, converted: nn.Module, *, input_shape: t
     with evaluating(original, converted), torch.no_grad():
         for x, y in batches:
             x = x.to(dtype) if x.is_floating_point() else x
-            reference, result = _tensors(original(x)), _tensors(converted(x))
-            squared_diff = sum((r.double() - c.double()).square().flatten(1).sum(1) for r, c in zip(
+            reference, result = _run(original, x, "original"), _run(converted, x, "converted")
+            squared_diff = sum((r.double() - c.double()).square().reshape(len(x), -1).sum(1) for r, c in zip(
                 reference, result, strict=True))
-            squared_ref = sum(r.double().square().flatten(1).sum(1) for r in reference)
+            squared_ref = sum(r.double().square().reshape(len(x), -1).sum(1) for r in reference)
             errors.append((squared_diff / squared_ref.clamp_min(1e-300)).sqrt())
             max_abs = max(max_abs, max(float((r.double() - c.double()).abs().max()) for r, c in zip(
                 reference, result, strict=True)))

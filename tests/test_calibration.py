@@ -297,3 +297,17 @@ def test_calibration_travels_with_copies_and_state_dicts(mode: str) -> None:
         reference = model(x)
         for copied in (copy.deepcopy(converted), fresh):
             torch.testing.assert_close(copied(x), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_agreement_check_failures_say_how_to_skip_it() -> None:
+    from graphnorm.agreement import compare_outputs
+
+    class BatchOfOneOnly(nn.Module):
+        def forward(self, x):
+            if x.shape[0] != 1:
+                raise RuntimeError("shape '[1, 10]' is invalid for input of size 40")
+            return x.flatten(1)
+
+    converted = graphnorm.convert(conv_chain(), STATS3, input_shape=(1, 3, 8, 8), agreement_samples=0)
+    with pytest.raises(GraphnormError, match=r"could not run the original model .* agreement_samples=0"):
+        compare_outputs(BatchOfOneOnly(), converted, input_shape=(1, 3, 8, 8), stats=STATS3, samples=4)
