@@ -314,8 +314,9 @@ class NormPropLayer(nn.Module):
         weight = self.layer.weight
         return self.c * weight.reshape(weight.shape[0], -1).norm(dim=1)
 
-    def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``W_eff = gamma W/sigma`` and ``b_eff = beta - gamma mu/sigma`` (``beta`` when uncalibrated)."""
+    def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_eff = gamma W/sigma`` and ``b_eff = beta - gamma mu/sigma`` (``beta``, or 0 without it, when
+        uncalibrated: ``mu = 0``)."""
         weight = self.layer.weight
         scale_a = self.implicit_scale()
         mu, sigma = self.calibration.apply(torch.zeros_like(scale_a), scale_a)
@@ -323,9 +324,6 @@ class NormPropLayer(nn.Module):
         effective = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
         bias = -mu * scale
         return effective, bias if self.beta is None else bias + self.beta
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.effective_weight_and_bias()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.effective_weight_and_bias()

@@ -473,7 +473,8 @@ def _fit_calibrations(converted: ConvertedModule, pending: list[_PendingCalibrat
 
     NormProp's implicit statistics are functions of its weight alone: fitted first. The outputs of analytic and
     reparam normalizers do not depend on their calibration (their rules restart from
-    ``(beta, gamma^2 v/(v+eps))``), so one pass after that gives every other site its statistics."""
+    ``(beta, gamma^2 v/(v+eps))``), so one pass after that gives every other site its statistics. Fitting
+    writes the calibration buffers, so the next call recomputes the statistics with them (version counters)."""
     converted.eval()
     with torch.no_grad():
         for item in pending:
@@ -483,4 +484,3 @@ def _fit_calibrations(converted: ConvertedModule, pending: list[_PendingCalibrat
         for item in pending:
             if item.needs_statistics:
                 item.fit()
-        converted.refresh_statistics(force=True)
