@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from .errors import GraphnormError
+from .errors import GraphnormError, first_line
 from .graphs import parameter_dtype
 from .stats import InputStats
 
@@ -119,9 +119,8 @@ def _run(model: nn.Module, x: torch.Tensor, which: str) -> list[torch.Tensor]:
     try:
         return _tensors(model(x))
     except (RuntimeError, ValueError, TypeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GraphnormError(f"the agreement check could not run the {which} model on a batch of shape "
-                             f"{tuple(x.shape)}: {reason}; skip the check with agreement_samples=0 "
+                             f"{tuple(x.shape)}: {first_line(err)}; skip the check with agreement_samples=0 "
                              "(--agreement-samples 0) or give data it accepts") from err
 
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .calibration import CALIBRATIONS
-from .errors import GraphnormError
+from .errors import GraphnormError, first_line
 from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, save_converted
 from .stats import InputStats
 
@@ -51,7 +51,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _usage(error: GraphnormError) -> click.UsageError:
-    return click.UsageError(str(error).splitlines()[0])
+    return click.UsageError(first_line(error))
 
 
 class _Run:

@@ -14,6 +14,12 @@ class GraphnormError(Exception):
     """Base class of every error graphnorm raises on purpose."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message, or its type name when the message is empty (so that a
+    message built from another library's error is never empty and never fails on an empty one)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class InputStatsError(GraphnormError, ValueError):
     """Input statistics are malformed (wrong length, negative or non-finite values, empty data)."""
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import GraphnormError
+from .errors import GraphnormError, first_line
 from .freeze import freeze
 
 __all__ = ["ExportError", "ExportResult", "VerificationError", "export_onnx"]
@@ -119,14 +119,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: Itera
         try:
             _export(frozen, _sample(input_shape, export_batch, 0), temporary, opset, dynamic_batch, legacy)
         except Exception as err:
-            raise ExportError(f"torch.onnx export failed: {str(err).strip().splitlines()[0]}") from err
+            raise ExportError(f"torch.onnx export failed: {first_line(err)}") from err
         timings["export_s"] = time.perf_counter() - start
         start = time.perf_counter()
         proto = onnx.load(temporary)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as err:
-            raise ExportError(f"onnx.checker rejected the exported model: {str(err).splitlines()[0]}") from err
+            raise ExportError(f"onnx.checker rejected the exported model: {first_line(err)}") from err
         timings["check_s"] = time.perf_counter() - start
         op_counts = dict(Counter(node.op_type for node in proto.graph.node))
         if "BatchNormalization" in op_counts:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import GraphnormError
+from .errors import GraphnormError, first_line
 from .stats import InputStats
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_converted", "load_input_data", "load_labels", "load_model",
@@ -94,11 +94,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     except ModelLoadError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"{path} is not a weights-only state_dict file: {str(err).splitlines()[0]}") from err
+        raise ModelLoadError(f"{path} is not a weights-only state_dict file: {first_line(err)}") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelLoadError(f"{path} does not fit the model: {str(err).splitlines()[0]} ...") from err
+        raise ModelLoadError(f"{path} does not fit the model: {first_line(err)} ...") from err
 
 
 def load_model(source: str, *, weights: str | os.PathLike | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -164,7 +164,7 @@ def load_input_data(path: str | os.PathLike) -> torch.Tensor:
     except ModelLoadError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+        raise ModelLoadError(f"cannot read {path}: {first_line(err)}") from err
     raise ModelLoadError(f"{path}: input data must be .npy, .npz or .pt")
 
 
@@ -181,7 +181,7 @@ def load_labels(path: str | os.PathLike) -> torch.Tensor | None:
                 return None
             labels = torch.as_tensor(arrays[key])
     except Exception as err:
-        raise ModelLoadError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+        raise ModelLoadError(f"cannot read {path}: {first_line(err)}") from err
     if labels.dim() != 1 or labels.is_floating_point():
         raise ModelLoadError(f"{path}: '{key}' must be a 1-D array of integer class labels, got "
                              f"{tuple(labels.shape)} {labels.dtype}")

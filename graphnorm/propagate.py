@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError
+from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError, first_line
 from .graphs import ancestors, parameter_dtype
 from .moments import Moments
 from .ops import canonical_call, target_name
@@ -238,9 +238,8 @@ def infer_shapes(graph_module: fx.GraphModule, input_shape: tuple[int, ...], dty
             recorder.run(sample, *extra_inputs)
     except Exception as err:
         where = f" at node '{recorder.failed_node.name}'" if recorder.failed_node is not None else ""
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GraphnormError(
-            f"the model does not run on an input of shape {input_shape}{where}: {reason}; "
+            f"the model does not run on an input of shape {input_shape}{where}: {first_line(err)}; "
             "check input_shape (batch, channels, ...)") from err
     return recorder.shapes
 

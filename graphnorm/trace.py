@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .ops import op_key
 
 __all__ = ["OP_KEY", "trace"]
@@ -128,7 +128,7 @@ def _trace_failure_message(err: Exception, module_path: str | None) -> str:
         code = f": `{frame.line.strip()}`" if frame.line else ""
         where = f" at {os.path.basename(frame.filename)}:{frame.lineno}{code}"
     module = f"module '{module_path}'" if module_path else "the model's own forward"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     return (
         f"torch.fx could not trace {module}{where}: {reason}\n"
         "Fix: pass leaf_modules=[<that module's type or name>] to keep it as one opaque call (then register a "

@@ -256,3 +256,12 @@ def test_calibrated_pt_output_rebuilds_the_same_function(tmp_path) -> None:
         with torch.no_grad():
             reference = copy.deepcopy(original).train()(x) if mode == "fixed" else original(x)
             torch.testing.assert_close(rebuilt(x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_empty_weights_file_is_one_line_not_a_traceback(tmp_path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    result = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "x.onnx", "--input-shape", "1,1,8,8",
+                 "--weights", empty)
+    assert result.exit_code == 2 and "is not a weights-only state_dict file: EOFError" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.onnx").exists()
