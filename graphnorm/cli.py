@@ -22,6 +22,7 @@ from . import __version__
 from .calibration import CALIBRATIONS
 from .errors import GraphnormError, first_line
 from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, save_converted
+from .sampling import DEFAULT_SAMPLES
 from .stats import InputStats
 
 MODES = ("analytic", "reparam", "normprop", "fixed")
@@ -104,6 +105,16 @@ def _summary_table(log: Any, export: Any, seconds: float, output: Path, data_sou
     for rewrite in log.rewritten:
         if rewrite.detail.startswith("fallback"):
             table.add_row("  fallback", f"{rewrite.node} -> {rewrite.form} ({rewrite.detail})")
+    if log.capture != "symbolic":
+        table.add_row("captured", f"{log.capture}; specialized to the input shape at "
+                                  f"{len(log.specialized)} place(s)")
+        for where in log.specialized:
+            table.add_row("  specialized", where)
+    if log.sampled:
+        table.add_row("sampled ops", f"{len(log.sampled)} without a closed-form rule, moments from "
+                                     f"{log.fallback_samples} samples (--fallback error refuses them)")
+        for node in log.sampled:
+            table.add_row("  sampled", node.describe())
     if log.calibration == "none":
         table.add_row("calibration", "none (the analytic statistics as they are)")
     else:
@@ -170,6 +181,11 @@ def _model_input_options(command: Callable) -> Callable:
         click.option("--leaf-module", "leaf_modules", multiple=True,
                      help="Module path to keep as one call when tracing (repeatable)."),
         click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
+        click.option("--fallback", type=click.Choice(["sample", "error"]), default="sample", show_default=True,
+                     help="Ops without a closed-form moment rule: estimate their moments from Gaussian samples, "
+                          "or fail listing them all (convert's --strict implies error)."),
+        click.option("--fallback-samples", type=click.IntRange(min=2), default=DEFAULT_SAMPLES, show_default=True,
+                     help="Samples K of the sampled fallback (even)."),
         click.option("--debug", is_flag=True, help="Show the Python traceback of errors."),
     ]
     for option in reversed(options):
@@ -225,7 +241,8 @@ def main() -> None:
 @click.option("--agreement-samples", type=click.IntRange(min=0), default=16, show_default=True,
               help="Inputs drawn from the input statistics for the agreement check when --input-data is not given.")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, when the converted model disagrees with the "
-                                             "original beyond --min-agreement / --max-output-error.")
+                                             "original beyond --min-agreement / --max-output-error, or when an op "
+                                             "has no closed-form rule (--fallback error).")
 @click.option("--stochastic-batch", type=click.IntRange(min=4),
               help="Add BatchNorm-like noise of this virtual batch size in training.")
 @click.option("--normprop-c", type=click.FloatRange(min=0, min_open=True), default=1.21, show_default=True,
@@ -242,7 +259,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
                     calibrate: str, min_agreement: float, max_output_error: float, agreement_samples: int,
                     strict: bool, stochastic_batch: int | None, normprop_c: float, spatial: bool,
-                    leaf_modules: tuple[str, ...], opset: int | None, legacy_exporter: bool, verify: bool, rtol: float,
+                    fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
+                    legacy_exporter: bool, verify: bool, rtol: float,
                     atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
 
@@ -267,7 +285,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         except GraphnormError as err:
             raise _usage(err) from err
     kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch,
-              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules)}
+              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules),
+              "fallback": "error" if strict else fallback, "fallback_samples": fallback_samples}
     checks = {"calibrate": calibrate, "data": data, "labels": labels, "agreement_samples": agreement_samples}
     _execute(run, loaded, output, stats, kwargs, checks, opset=opset, legacy=legacy_exporter, verify=verify,
              tolerances=(rtol, atol), thresholds=(min_agreement, max_output_error), strict=strict,
@@ -340,7 +359,8 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 @click.option("--force", is_flag=True, help="Overwrite the --plot file if it exists.")
 def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
                     input_data: str | None, weights: str | None, trust_pickle: bool, leaf_modules: tuple[str, ...],
-                    spatial: bool, debug: bool, data: str | None, samples: int, batch_size: int, no_empirical: bool,
+                    spatial: bool, fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
+                    batch_size: int, no_empirical: bool,
                     normalize: str, output_format: str, plot_path: Path | None, only: str | None,
                     force: bool) -> None:
     """Analytic statistics of every activation of MODEL beside measured ones (table, JSON or Markdown), and a
@@ -364,7 +384,8 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
     try:
         report = inspect(loaded.model, stats, input_shape=shape, data=samples_data, samples=samples, spatial=spatial,
                          leaf_modules=leaf_modules, batch_size=batch_size, normalize=normalize,
-                         empirical=not no_empirical, progress=run.err.is_terminal)
+                         empirical=not no_empirical, progress=run.err.is_terminal, fallback=fallback,
+                         fallback_samples=fallback_samples)
         if plot_path is not None:
             report.plot(plot_path)
     except GraphnormError as err:

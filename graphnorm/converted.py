@@ -19,6 +19,7 @@ from torch import fx
 
 from .propagate import MomentPropagator
 from .rules.normalizers import raw_layer_output
+from .sampling import SampledFallback
 from .stats import InputStats
 
 __all__ = ["ConvertedModule", "StatisticsState"]
@@ -32,6 +33,7 @@ class StatisticsState:
     input_shape: tuple[int, ...]
     spatial: bool
     concrete_args: dict[str, Any] | None
+    fallback: SampledFallback | None = None
     analytic_sites: list[tuple[str, str]] = field(default_factory=list)  # (normalizer module, its input node)
     reparam_sites: list[tuple[str, str]] = field(default_factory=list)  # (folded layer module, its input node)
     propagator: MomentPropagator | None = None
@@ -40,7 +42,7 @@ class StatisticsState:
     def fresh_copy(self) -> StatisticsState:
         """Same configuration, no propagator or cache (for a copied model)."""
         return StatisticsState(self.stats, self.input_shape, self.spatial, copy.copy(self.concrete_args),
-                               list(self.analytic_sites), list(self.reparam_sites))
+                               self.fallback, list(self.analytic_sites), list(self.reparam_sites))
 
     def _key(self, model: torch.nn.Module) -> tuple:
         tensors = [*model.parameters(), *model.buffers()]
@@ -57,7 +59,8 @@ class StatisticsState:
         if self.propagator is None:
             targets = [name for _, name in self.analytic_sites + self.reparam_sites]
             self.propagator = MomentPropagator(model, self.input_shape, spatial=self.spatial,
-                                               concrete_args=self.concrete_args, targets=targets)
+                                               concrete_args=self.concrete_args, targets=targets,
+                                               fallback=self.fallback)
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             table = self.propagator.run(self.stats)
         for module_name, input_name in self.analytic_sites:

@@ -16,6 +16,7 @@ from .errors import GraphnormError
 from .measure import analytic_batchnorm_statistics, measure
 from .propagate import MomentPropagator
 from .report import ChannelSummary, Report, ReportRow, ResidualBranch
+from .sampling import DEFAULT_SAMPLES
 from .stats import InputStats, iter_batches
 
 __all__ = ["inspect"]
@@ -56,14 +57,15 @@ def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
             samples: int = 1024, spatial: bool = False, leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, batch_size: int = 64,
             normalize: Literal["as-is", "analytic"] = "as-is", empirical: bool = True,
-            progress: bool = True) -> Report:
+            progress: bool = True, fallback: str = "sample", fallback_samples: int = DEFAULT_SAMPLES) -> Report:
     """Analytic per-channel statistics of every activation of ``model`` under ``stats``, and, when
     ``empirical``, the same measured on ``data`` (a tensor, an iterable of tensors or ``(x, y)`` pairs) or on
     ``samples`` inputs drawn from ``stats``, streamed in batches of ``batch_size``.
 
     ``normalize="as-is"`` measures the model in eval mode as it is; ``"analytic"`` makes every BatchNorm use the
     analytic statistics of its input, in both columns (what a converted model does). The model is not
-    modified: a copy is traced and run, with no hooks.
+    modified: a copy is traced and run, with no hooks. Ops without a closed-form rule are sampled
+    (``fallback``, ``fallback_samples``: see :class:`~graphnorm.MomentPropagator`); their rows say so.
     """
     if normalize not in ("as-is", "analytic"):
         raise GraphnormError(f"normalize must be 'as-is' or 'analytic', got {normalize!r}")
@@ -72,7 +74,8 @@ def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     working = copy.deepcopy(model).eval()
     propagator = MomentPropagator(working, input_shape, spatial=spatial, leaf_modules=leaf_modules,
                                   concrete_args=concrete_args,
-                                  batch_norm="analytic" if normalize == "analytic" else "auto")
+                                  batch_norm="analytic" if normalize == "analytic" else "auto",
+                                  fallback=fallback, fallback_samples=fallback_samples)
     with torch.no_grad():
         table = propagator.run(stats)
     graph_module = propagator.graph_module
@@ -94,6 +97,10 @@ def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     depth = _depths(graph_module)
     rows = [_row(name, table[name], table.info[name], depth[name], name in batchnorm_inputs, measured, nodes, table,
                  depth) for name in names]
+    for row in rows:
+        if row.node in propagator.sampled:
+            row.op = propagator.sampled[row.node].target
+            row.sampled = propagator.sampled[row.node].reason
     return Report(type(model).__name__, list(input_shape), normalize, spatial, counted, rows)
 
 

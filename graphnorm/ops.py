@@ -12,6 +12,7 @@ Users extend the table with :func:`register_op` (their own module types, functio
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,11 @@ _MODULES: dict[type, OpSpelling] = {}
 _INSTANCES: dict[str, OpSpelling] = {}  # for modules that carry a ``graphnorm_op`` attribute
 _FUNCTIONS: dict[Any, OpSpelling] = {}
 _METHODS: dict[str, OpSpelling] = {}
+_QUALIFIED: dict[str, OpSpelling] = {}  # "package.module.Name" of third-party classes and functions
+
+
+def qualified_name(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
 def _default_module_canonicalizer(module: nn.Module, *inputs: Any, **kwargs: Any):
@@ -65,6 +71,29 @@ def register_op(target: type | Callable | str, key: str, canonicalize: Canonical
         raise TypeError(f"register_op: target must be a module type, a function or a method name, got {target!r}")
 
 
+def register_qualified(name: str, key: str, canonicalize: Canonicalizer) -> None:
+    """Map the class or function whose qualified name is ``name`` (``"package.module.Name"``) to ``key``,
+    without importing its package (module classes registered so are traced as leaves)."""
+    _QUALIFIED[name] = OpSpelling(key, canonicalize)
+
+
+def registered_functions() -> list[Callable]:
+    """The third-party functions registered by qualified name whose module is imported already."""
+    found = []
+    for name in _QUALIFIED:
+        module_name, _, attribute = name.rpartition(".")
+        function = getattr(sys.modules.get(module_name), attribute, None)
+        if function is not None and not isinstance(function, type):
+            found.append(function)
+    return found
+
+
+def is_registered_module(module: nn.Module) -> bool:
+    """True when the module's own class (not a base class) has a spelling: the tracer keeps it a leaf."""
+    cls = type(module)
+    return cls in _MODULES or qualified_name(cls) in _QUALIFIED
+
+
 def register_instance_op(key: str, canonicalize: Canonicalizer) -> None:
     """Give the op key ``key`` to every module instance whose ``graphnorm_op`` attribute is ``key``, whatever
     its type (used for layers that a rewrite parametrized in place)."""
@@ -81,12 +110,15 @@ def spelling_of(node: fx.Node, root: nn.Module) -> OpSpelling | None:
         for cls in type(module).__mro__:
             if cls in _MODULES:
                 return _MODULES[cls]
+            if qualified_name(cls) in _QUALIFIED:
+                return _QUALIFIED[qualified_name(cls)]
         return None
     if node.op == "call_function":
         try:
-            return _FUNCTIONS.get(node.target)
+            found = _FUNCTIONS.get(node.target)
         except TypeError:  # unhashable target
             return None
+        return found or _QUALIFIED.get(qualified_name(node.target))
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
@@ -336,3 +368,161 @@ def _cat(tensors, dim=0, **_):
 
 for _spelling in (torch.cat, torch.concat, torch.concatenate):
     register_op(_spelling, "cat", _cat)
+
+
+# -- layout: selection, multi-output, permutation, broadcasting, padding, resampling ----------------------------
+def _getitem(x, index):
+    return (x,), {"index": index}
+
+
+register_op(operator.getitem, "getitem", _getitem)
+
+
+def _split(x, split_size_or_sections, dim=0):
+    if isinstance(split_size_or_sections, int):
+        return (x,), {"sections": split_size_or_sections, "dim": dim}
+    return (x,), {"sections": list(split_size_or_sections), "dim": dim}
+
+
+def _batched_rank(x) -> int:
+    """Rank of the batched tensor whose one-sample Moments (or tensor) ``x`` is."""
+    return len(x.shape) + 1
+
+
+def _chunk(x, chunks, dim=0):
+    # torch.chunk's sizes: ceil(n / chunks) each, the last smaller (possibly fewer chunks)
+    size = x.shape[dim % _batched_rank(x) - 1]
+    return (x,), {"sections": -(-size // chunks), "dim": dim}
+
+
+for _spelling in (torch.split, "split", "split_with_sizes"):
+    register_op(_spelling, "split", _split)
+for _spelling in (torch.chunk, "chunk"):
+    register_op(_spelling, "split", _chunk)
+for _spelling in (torch.unbind, "unbind"):
+    register_op(_spelling, "split", lambda x, dim=0: ((x,), {"sections": None, "dim": dim}))
+
+
+def _sample_permutation(dims: tuple[int, ...]) -> tuple[int, ...]:
+    """A permutation of a batched tensor's dims that keeps the batch dim first, as one of the sample's dims."""
+    rank = len(dims)
+    dims = tuple(d % rank for d in dims)
+    if dims[0] != 0:
+        raise NotImplementedError("the permutation moves the batch dim")
+    return tuple(d - 1 for d in dims[1:])
+
+
+def _permute(x, *dims):
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list, torch.Size)):
+        dims = tuple(dims[0])
+    return (x,), {"dims": _sample_permutation(tuple(dims))}
+
+
+def _transpose(x, dim0, dim1):
+    order = list(range(_batched_rank(x)))
+    order[dim0], order[dim1] = order[dim1], order[dim0]
+    return (x,), {"dims": _sample_permutation(tuple(order))}
+
+
+def _movedim(x, source, destination):
+    rank = _batched_rank(x)
+    order = list(range(rank))
+    source, destination = source % rank, destination % rank
+    order.insert(destination, order.pop(source))
+    return (x,), {"dims": _sample_permutation(tuple(order))}
+
+
+for _spelling in (torch.permute, "permute"):
+    register_op(_spelling, "permute", _permute)
+for _spelling in (torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
+    register_op(_spelling, "permute", _transpose)
+for _spelling in (torch.movedim, "movedim"):
+    register_op(_spelling, "permute", _movedim)
+for _spelling in ("expand", "expand_as", torch.broadcast_to, "broadcast_to"):  # the rule reads the output shape
+    register_op(_spelling, "expand", lambda x, *_, **__: ((x,), {}))
+register_op("reshape_as", "reshape", lambda x, *_, **__: ((x,), {}))
+register_op("view_as", "reshape", lambda x, *_, **__: ((x,), {}))
+register_op(F.pad, "pad",
+            lambda x, pad, mode="constant", value=None: ((x,), {"pad": pad, "mode": mode, "value": value}))
+for _module in (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d):
+    register_op(_module, "pad", lambda m, x: ((x,), {"pad": m.padding, "mode": "constant", "value": m.value}))
+for _module, _mode in ((nn.ReflectionPad1d, "reflect"), (nn.ReflectionPad2d, "reflect"),
+                       (nn.ReplicationPad1d, "replicate"), (nn.ReplicationPad2d, "replicate")):
+    register_op(_module, "pad", lambda m, x, mode=_mode: ((x,), {"pad": m.padding, "mode": mode}))
+
+
+def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, *_, **__):
+    return (x,), {"mode": mode, "align_corners": align_corners}
+
+
+register_op(F.interpolate, "interpolate", _interpolate)
+register_op(nn.Upsample, "interpolate", lambda m, x: ((x,), {"mode": m.mode, "align_corners": m.align_corners}))
+register_op(nn.UpsamplingNearest2d, "interpolate", lambda m, x: ((x,), {"mode": "nearest"}))
+register_op(nn.UpsamplingBilinear2d, "interpolate", lambda m, x: ((x,), {"mode": "bilinear", "align_corners": True}))
+register_op(torch.stack, "stack", lambda tensors, dim=0, **_: (tuple(tensors), {"dim": dim}))
+register_op(F.unfold, "unfold", lambda x, kernel_size, dilation=1, padding=0, stride=1: (
+    (x,), {"kernel_size": kernel_size, "dilation": dilation, "padding": padding, "stride": stride}))
+register_op(nn.Unfold, "unfold", lambda m, x: ((x,), {"kernel_size": m.kernel_size, "dilation": m.dilation,
+                                                        "padding": m.padding, "stride": m.stride}))
+register_op(F.fold, "fold", lambda x, output_size, kernel_size, dilation=1, padding=0, stride=1: (
+    (x,), {"output_size": output_size, "kernel_size": kernel_size, "dilation": dilation, "padding": padding,
+           "stride": stride}))
+register_op(nn.Fold, "fold", lambda m, x: ((x,), {"output_size": m.output_size, "kernel_size": m.kernel_size,
+                                                    "dilation": m.dilation, "padding": m.padding, "stride": m.stride}))
+
+
+# -- reductions and products -------------------------------------------------------------------------------------
+def _reduction(x, dim=None, keepdim=False, *, dtype=None):
+    return (x,), {"dim": dim, "keepdim": keepdim}
+
+
+for _spelling in (torch.mean, "mean"):
+    register_op(_spelling, "mean", _reduction)
+for _spelling in (torch.sum, "sum"):
+    register_op(_spelling, "sum", _reduction)
+for _spelling in (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"):
+    register_op(_spelling, "matmul", _binary_plain)
+
+
+# -- per-sample normalizations ---------------------------------------------------------------------------------
+register_op(nn.LayerNorm, "layer_norm", lambda m, x: ((x,), {"normalized_shape": m.normalized_shape, "weight": m.weight,
+                                                              "bias": m.bias, "eps": m.eps}))
+register_op(F.layer_norm, "layer_norm", lambda x, normalized_shape, weight=None, bias=None, eps=1e-5: (
+    (x,), {"normalized_shape": normalized_shape, "weight": weight, "bias": bias, "eps": eps}))
+register_op(nn.GroupNorm, "group_norm", lambda m, x: ((x,), {"num_groups": m.num_groups, "weight": m.weight,
+                                                              "bias": m.bias, "eps": m.eps}))
+register_op(F.group_norm, "group_norm", lambda x, num_groups, weight=None, bias=None, eps=1e-5: (
+    (x,), {"num_groups": num_groups, "weight": weight, "bias": bias, "eps": eps}))
+
+
+def _instance_norm_module(m, x):
+    return (x,), {"running_mean": m.running_mean, "running_var": m.running_var, "weight": m.weight,
+                  "bias": m.bias, "use_input_stats": m.training or not m.track_running_stats, "eps": m.eps}
+
+
+def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                   momentum=0.1, eps=1e-5):
+    return (x,), {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
+                  "use_input_stats": use_input_stats, "eps": eps}
+
+
+for _module in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_op(_module, "instance_norm", _instance_norm_module)
+register_op(F.instance_norm, "instance_norm", _instance_norm)
+
+
+# -- stochastic depth (torchvision, timm): registered by qualified name, so neither library is imported here ---
+def _drop_path_function(x, p=0.0, mode="row", training=True, *_, rescaled=True, **__):
+    if not rescaled and training and p > 0:
+        raise NotImplementedError("drop path without rescaling by 1/(1-p) has no closed-form rule")
+    return (x,), {"p": p, "training": training}
+
+
+register_qualified("torchvision.ops.stochastic_depth.StochasticDepth", "drop_path",
+                   lambda m, x: ((x,), {"p": m.p, "training": m.training}))
+register_qualified("torchvision.ops.stochastic_depth.stochastic_depth", "drop_path", _drop_path_function)
+register_qualified("timm.layers.drop.DropPath", "drop_path",
+                   lambda m, x: ((x,), {"p": m.drop_prob, "training": m.training}))
+register_qualified("timm.layers.drop.drop_path", "drop_path",
+                   lambda x, drop_prob=0.0, training=False, scale_by_keep=True: _drop_path_function(
+                       x, drop_prob, training=training, rescaled=scale_by_keep))

@@ -25,6 +25,7 @@ from .graphs import ancestors, parameter_dtype
 from .moments import Moments
 from .ops import canonical_call, target_name
 from .rules import RULES
+from .sampling import DEFAULT_SAMPLES, CommonRandomNumbers, SampledFallback, SampledNode, resolve_fallback, sampled_call
 from .stats import InputStats
 from .trace import INPUT_NAMES, OP_KEY, trace
 
@@ -104,12 +105,17 @@ class MomentPropagator:
         dtype: the dtype of the moments (default: that of the model's parameters).
         targets: node names whose moments are wanted; the pass then runs only what they depend on (the
             default runs every node).
+        fallback: "sample" (default) computes the moments of an op without a closed-form rule from
+            ``fallback_samples`` Gaussian samples (:mod:`graphnorm.sampling`); "error" raises
+            :class:`~graphnorm.UnsupportedOpError` listing every such op instead. The sampled nodes are listed
+            in ``sampled`` (complete after the first :meth:`run`: a rule may decline a call it cannot handle).
     """
 
     def __init__(self, model: nn.Module, input_shape: Iterable[int], *, spatial: bool = False,
                  batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
                  concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
-                 targets: Iterable[str] | None = None):
+                 targets: Iterable[str] | None = None, fallback: str | SampledFallback | None = "sample",
+                 fallback_samples: int = DEFAULT_SAMPLES):
         self.input_shape = tuple(int(size) for size in input_shape)
         if len(self.input_shape) < 2 or any(size < 1 for size in self.input_shape):
             raise GraphnormError(
@@ -119,7 +125,11 @@ class MomentPropagator:
             raise GraphnormError(f"batch_norm must be 'auto', 'running' or 'analytic', got {batch_norm!r}")
         self.spatial = spatial
         self.batch_norm = batch_norm
-        self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        self.fallback = resolve_fallback(fallback, fallback_samples)
+        self.sampled: dict[str, SampledNode] = {}
+        self._random_numbers = CommonRandomNumbers(self.fallback) if self.fallback is not None else None
+        self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                                  input_shape=self.input_shape)
         self._dtype = dtype
         self.extra_inputs = extra_inputs(self.graph_module, concrete_args or {})
         self.shapes = infer_shapes(self.graph_module, self.input_shape, self.dtype, self.extra_inputs)
@@ -164,8 +174,15 @@ class MomentPropagator:
                 if key is None or key not in RULES:
                     missing.append(UnsupportedOp(node.name, key or "unregistered",
                                                  target_name(node, self.graph_module), _module_path(node)))
-        if missing:
+        if missing and self.fallback is None:
             raise UnsupportedOpError(missing)
+        for op in missing:
+            self.sampled[op.node] = SampledNode(op.node, op.target, op.module_path, "no moment rule")
+
+    def sample(self, node: fx.Node, call, args: tuple, kwargs: dict) -> Any:
+        """The sampled fallback at ``node``: ``call(args, kwargs)`` runs its op on concrete tensors."""
+        assert self._random_numbers is not None
+        return sampled_call(call, args, kwargs, self._random_numbers, node.name, self.input_shape[0])
 
     def run(self, stats: InputStats) -> MomentTable:
         """One propagation pass from ``stats`` through the current parameters."""
@@ -180,12 +197,15 @@ class MomentPropagator:
 
 def propagate(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *, spatial: bool = False,
               batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
-              concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> MomentTable:
+              concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+              fallback: str | SampledFallback | None = "sample", fallback_samples: int = DEFAULT_SAMPLES
+              ) -> MomentTable:
     """Per-channel (or per-unit, ``spatial=True``) mean and variance of every activation of ``model`` when its
     input has the per-channel statistics ``stats``. See :class:`MomentPropagator` for the arguments."""
     stats.validate_for(tuple(input_shape))
     propagator = MomentPropagator(model, input_shape, spatial=spatial, batch_norm=batch_norm,
-                                  leaf_modules=leaf_modules, concrete_args=concrete_args, dtype=dtype)
+                                  leaf_modules=leaf_modules, concrete_args=concrete_args, dtype=dtype,
+                                  fallback=fallback, fallback_samples=fallback_samples)
     return propagator.run(stats)
 
 
@@ -220,6 +240,8 @@ class _ShapeRecorder(fx.Interpreter):
             raise
         if isinstance(value, torch.Tensor):
             self.shapes[node.name] = tuple(int(size) for size in value.shape[1:])
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            self.shapes[node.name] = tuple(tuple(int(size) for size in v.shape[1:]) for v in value)
         return value
 
 
@@ -249,6 +271,8 @@ class _MomentInterpreter(fx.Interpreter):
         super().__init__(propagator.graph_module, garbage_collect_values=False)
         self.propagator = propagator
         self.moments: dict[str, Moments] = {}
+        self.orders: dict[str, tuple[int, ...]] = {}  # sample dims as a permutation of the input's (if moved)
+        self.base_channels: dict[str, int | None] = {}  # channel count of the last channel-first activation
 
     def _batch_shape(self, moments: Moments) -> torch.Size:
         return torch.Size((self.propagator.input_shape[0], *moments.shape))
@@ -276,21 +300,83 @@ class _MomentInterpreter(fx.Interpreter):
             value = super().run_node(node)
             if isinstance(value, Moments):
                 self.moments[node.name] = value
+                self.base_channels[node.name] = value.shape[0]
             if node.op == "output" and isinstance(value, Moments):
                 self.moments[node.name] = value
             return value
         with self._set_current_node(node):
             args, kwargs = self.fetch_args_kwargs_from_env(node)
-            try:
-                key, inputs, params = canonical_call(node, self.module, args, kwargs)
-                if key == "batch_norm" and propagator.batch_norm != "auto":
-                    params["training"] = propagator.batch_norm == "analytic"
-                result = RULES[key](*inputs, out_shape=propagator.shapes[node.name], **params)
-            except (RuleError, NotImplementedError, TypeError, ValueError) as err:
-                raise RuleError(f"moment rule '{node.meta.get(OP_KEY)}' failed at node '{node.name}' "
-                                f"({target_name(node, self.module)}): {err}") from err
-        if not propagator.spatial:
-            result = result.to_channels()
-        self.moments[node.name] = result
+            if node.name in propagator.sampled:
+                result = self._sample(node, args, kwargs)
+            else:
+                result = self._apply_rule(node, args, kwargs)
+        summarize = not propagator.spatial and self._channel_first(node, result)
+        if isinstance(result, Moments):
+            if summarize:
+                result = result.to_channels()
+            self.moments[node.name] = result
+        elif isinstance(result, (tuple, list)) and summarize:
+            result = type(result)(r.to_channels() if isinstance(r, Moments) else r for r in result)
         return result
+
+    def _channel_first(self, node: fx.Node, result: Any) -> bool:
+        """Whether dim 0 of the node's sample is a channel dim (so channel moments mean something).
+
+        Layouts that move the channels are tracked: a permutation (``x.permute(0, 2, 3, 1)`` before a
+        LayerNorm over channels) records where the input's dims went, and a reshape whose leading dim is not
+        the channel count of the last channel-first activation (a channel shuffle's ``[g, C/g, H, W]``, an
+        attention's ``[heads, d, N]``) marks its output as not channel-first. Ops of the same rank after them
+        inherit the layout and keep unit maps, until a permutation or reshape restores channels first."""
+        sources = [source.name for source in node.all_input_nodes if source.name in self.base_channels]
+        base = self.base_channels[sources[0]] if sources else None
+        rank = len(result.shape) if isinstance(result, Moments) else None
+        if node.name not in self.orders and rank is not None:
+            if node.meta.get(OP_KEY) in ("reshape", "flatten"):
+                if rank > 1 and base is not None and result.shape[0] != base:
+                    self.orders[node.name] = (-1, *range(1, rank))
+            else:
+                for source in node.all_input_nodes:
+                    order = self.orders.get(source.name)
+                    if order is not None and len(order) == rank:
+                        self.orders[node.name] = order
+                        break
+        order = self.orders.get(node.name)
+        first = order is None or order[0] == 0
+        self.base_channels[node.name] = result.shape[0] if first and rank else base
+        return first
+
+    def _apply_rule(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        propagator = self.propagator
+        try:
+            key, inputs, params = canonical_call(node, self.module, args, kwargs)
+            if key == "batch_norm" and propagator.batch_norm != "auto":
+                params["training"] = propagator.batch_norm == "analytic"
+            if key == "permute":
+                source = self.orders.get(node.args[0].name) or tuple(range(len(params["dims"])))
+                self.orders[node.name] = tuple(source[d] for d in params["dims"])
+            return RULES[key](*inputs, out_shape=propagator.shapes.get(node.name, ()), **params)
+        except (RuleError, NotImplementedError) as err:
+            if propagator.fallback is None:
+                raise self._rule_failure(node, err) from err
+            propagator.sampled[node.name] = SampledNode(node.name, target_name(node, self.module),
+                                                        _module_path(node), f"rule declined: {first_line(err)}")
+            return self._sample(node, args, kwargs)
+        except (TypeError, ValueError) as err:
+            raise self._rule_failure(node, err) from err
+
+    def _rule_failure(self, node: fx.Node, err: Exception) -> RuleError:
+        return RuleError(f"moment rule '{node.meta.get(OP_KEY)}' failed at node '{node.name}' "
+                         f"({target_name(node, self.module)}): {err}")
+
+    def _sample(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        def call(call_args: tuple, call_kwargs: dict) -> Any:
+            return getattr(self, node.op)(node.target, call_args, call_kwargs)
+
+        try:
+            return self.propagator.sample(node, call, args, kwargs)
+        except RuleError:
+            raise
+        except Exception as err:
+            raise RuleError(f"the sampled fallback failed at node '{node.name}' ({target_name(node, self.module)}): "
+                            f"{first_line(err)}") from err
 

@@ -70,6 +70,7 @@ class ReportRow:
     mean_error_median: float | None = None
     mean_error_worst: float | None = None
     residual_branch: ResidualBranch | None = None
+    sampled: str | None = None  # why this node's moments come from the sampled fallback (None: closed form)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -132,7 +133,8 @@ class Report:
 
     def _cells(self, row: ReportRow) -> list[str]:
         measured = row.measured
-        return [row.node, str(row.op), str(row.channels), "yes" if row.batchnorm_input else "",
+        op = f"{row.op} (sampled)" if row.sampled else str(row.op)
+        return [row.node, op, str(row.channels), "yes" if row.batchnorm_input else "",
                 _fmt(row.analytic.mean_sq), _fmt(measured.mean_sq if measured else None), _fmt(row.analytic.var),
                 _fmt(measured.var if measured else None), _fmt(row.std_error_median, 3),
                 _fmt(row.std_error_worst, 3), _fmt(row.mean_error_median, 3)]

@@ -55,8 +55,9 @@ from .normalizers import (
 from .ops import spelling_of
 from .propagate import MomentPropagator, MomentTable
 from .rules.normalizers import REPARAM, raw_layer_output
+from .sampling import DEFAULT_SAMPLES, SampledNode
 from .stats import InputStats
-from .trace import OP_KEY, trace
+from .trace import CAPTURE, OP_KEY, SPECIALIZED, trace
 
 __all__ = ["ConversionLog", "Rewrite", "Skip", "convert"]
 
@@ -96,6 +97,10 @@ class ConversionLog:
     calibration: str = "none"
     trained_sites: int = 0  # sites whose BatchNorm had trained running statistics
     agreement: Agreement | None = None
+    capture: str = "symbolic"  # how the graph was captured (graphnorm.trace)
+    specialized: list[str] = field(default_factory=list)  # where the graph took a branch for the input shape
+    sampled: list[SampledNode] = field(default_factory=list)  # ops whose moments the sampled fallback estimates
+    fallback_samples: int | None = None  # K of the sampled fallback (None: fallback="error")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -111,7 +116,9 @@ class ConversionLog:
         return {"mode": self.mode, "calibration": self.calibration, "trained_sites": self.trained_sites,
                 "counts": self.counts,
                 "rewritten": [asdict(r) for r in self.rewritten], "skipped": [asdict(s) for s in self.skipped],
-                "agreement": self.agreement.to_dict() if self.agreement is not None else None}
+                "agreement": self.agreement.to_dict() if self.agreement is not None else None,
+                "capture": self.capture, "specialized": self.specialized,
+                "fallback_samples": self.fallback_samples, "sampled": [asdict(n) for n in self.sampled]}
 
     def __str__(self) -> str:
         forms = ", ".join(f"{count} {form}" for form, count in self.counts.items()) or "none"
@@ -120,6 +127,13 @@ class ConversionLog:
         lines = [f"mode {self.mode}: {len(self.rewritten)} BatchNorm call site(s) rewritten ({forms}), "
                  f"{len(self.skipped)} skipped, {calibrated}"]
         lines += [f"  skipped {s.node} ({s.module_path or 'functional'}): {s.reason}" for s in self.skipped]
+        if self.specialized:
+            lines.append(f"  captured {self.capture}; specialized to the input shape at: "
+                         + "; ".join(self.specialized))
+        if self.sampled:
+            lines.append(f"  {len(self.sampled)} op(s) without a closed-form rule, moments from "
+                         f"{self.fallback_samples} samples:")
+            lines += [f"    {node.describe()}" for node in self.sampled]
         if self.agreement is not None:
             lines.append(f"  agreement with the original: {self.agreement}")
         return "\n".join(lines)
@@ -400,7 +414,8 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
             eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
             spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
-            agreement_samples: int = 16) -> ConvertedModule:
+            agreement_samples: int = 16, fallback: Literal["sample", "error"] = "sample",
+            fallback_samples: int = DEFAULT_SAMPLES) -> ConvertedModule:
     """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
 
     Returns a new :class:`~graphnorm.converted.ConvertedModule` (a ``torch.fx.GraphModule``) with
@@ -415,6 +430,10 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     or ``"none"``. ``data`` (a tensor ``[N, C, ...]`` or a re-iterable of batches) is also where the converted
     model is compared with the original (``graphnorm_log.agreement``; with ``labels``, both accuracies);
     without it, ``agreement_samples`` inputs are drawn from ``stats`` (0 skips the comparison).
+
+    ``fallback="sample"`` estimates the moments of ops without a closed-form rule from ``fallback_samples``
+    Gaussian samples with common random numbers (:mod:`graphnorm.sampling`; listed in
+    ``graphnorm_log.sampled``); ``fallback="error"`` raises :class:`~graphnorm.UnsupportedOpError` instead.
     """
     if mode not in MODES:
         raise GraphnormError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -428,12 +447,16 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         raise GraphnormError(f"agreement_samples must be >= 0, got {agreement_samples}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
-    graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                         input_shape=input_shape)
     propagator = MomentPropagator(graph_module, input_shape, spatial=spatial, batch_norm="analytic",
-                                  concrete_args=concrete_args)
+                                  concrete_args=concrete_args, fallback=fallback, fallback_samples=fallback_samples)
     with torch.no_grad():
         table = propagator.run(stats)
-    log = ConversionLog(mode)
+    log = ConversionLog(mode, capture=graph_module.meta.get(CAPTURE, "symbolic"),
+                        specialized=list(graph_module.meta.get(SPECIALIZED, [])),
+                        sampled=list(propagator.sampled.values()),
+                        fallback_samples=propagator.fallback.samples if propagator.fallback else None)
     sites = find_sites(graph_module, propagator.random_nodes, log)
     log.calibration, selected = resolve_calibration(calibrate, mode, sites, data)
     log.trained_sites = sum(has_trained_statistics(site) for site in sites)
@@ -457,7 +480,8 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
     converted = ConvertedModule(graph_module, graph_module.graph, type(model).__name__ + "Converted")
     converted.graphnorm_log = log
     converted.__dict__["_graphnorm_state"] = StatisticsState(
-        stats, input_shape, spatial, concrete_args, rewriter.analytic_sites, rewriter.reparam_sites)
+        stats, input_shape, spatial, concrete_args, propagator.fallback, rewriter.analytic_sites,
+        rewriter.reparam_sites)
     if rewriter.pending:
         _fit_calibrations(converted, rewriter.pending)
     converted.train(model.training)

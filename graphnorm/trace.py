@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -19,26 +20,52 @@ import torch.nn as nn
 from torch import fx
 
 from .errors import TraceError, first_line
-from .ops import op_key
+from .ops import is_registered_module, op_key, registered_functions
+from .shape_tracing import FAKE, ShapeTracer
 
 __all__ = ["OP_KEY", "trace"]
 
 OP_KEY = "graphnorm.op"
 INPUT_NAMES = "graphnorm.input_names"  # the traced forward's parameter names, in placeholder order
+CAPTURE = "graphnorm.capture"  # how the graph was captured: "symbolic" or "symbolic with shapes"
+SPECIALIZED = "graphnorm.specialized"  # source locations where the graph took a branch for the input shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _GRAPHNORM_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _library_registrations() -> tuple[tuple[type, ...], tuple]:
+    """Leaf module types and functions to keep as single calls, from libraries the process has imported
+    already (nothing is imported here): timm's own fx registrations (the leaf modules and autowrapped functions
+    its feature extraction uses) and the third-party functions graphnorm has rules for."""
+    leaf_types: list[type] = []
+    functions = list(registered_functions())
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is not None:
+        leaf_types += list(timm_fx.get_notrace_modules())
+        functions += [f for f in timm_fx.get_notrace_functions() if callable(f)]
+    return tuple(leaf_types), tuple(functions)
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
-        super().__init__()
+        library_leaves, functions = _library_registrations()
+        super().__init__(autowrap_functions=functions)
+        self.library_leaves = library_leaves
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if self.library_leaves and isinstance(m, self.library_leaves) and not _has_batchnorm(m):
+            return True  # a library's own leaf, unless it holds a BatchNorm that must be rewritten
+        if is_registered_module(m):  # a module type with a moment rule is one call, not its insides
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -77,15 +104,24 @@ def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...],
     return tuple(types), frozenset(names)
 
 
+class _ShapeAwareTracer(ShapeTracer, _Tracer):
+    pass
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    input_shape: Iterable[int] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule with canonical op keys in ``node.meta["graphnorm.op"]``.
 
-    An existing GraphModule is re-tagged, not re-traced. The model is not modified.
+    When plain symbolic tracing fails and ``input_shape`` is given, the model is traced again with proxies that
+    know the shapes (:mod:`graphnorm.shape_tracing`): Python that branches on shapes takes its branch for that
+    shape. ``graph_module.meta["graphnorm.capture"]`` says which path was taken and
+    ``meta["graphnorm.specialized"]`` where the graph depends on the input shape. An existing GraphModule is
+    re-tagged, not re-traced. The model is not modified.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphnorm.trace needs an nn.Module, got {type(model).__name__}")
@@ -100,16 +136,42 @@ def trace(
     if tracer.is_leaf_module(model, ""):
         # A lone leaf module (nn.Conv2d, nn.BatchNorm1d, ...) is traced as one call, not through its forward.
         model = _LeafRoot(model)
+    capture, specialized = "symbolic", []
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as err:
-        raise TraceError(_trace_failure_message(err, tracer.failed_module)) from err
+        if input_shape is None:
+            raise TraceError(_trace_failure_message(err, tracer.failed_module)) from err
+        tracer = _ShapeAwareTracer(leaf_types, leaf_names)
+        try:
+            graph = _trace_with_shapes(tracer, model, tuple(int(s) for s in input_shape), concrete_args)
+        except Exception as shaped_err:
+            raise TraceError(_trace_failure_message(shaped_err, tracer.failed_module)) from shaped_err
+        capture, specialized = "symbolic with shapes", list(tracer.specialized)
     name = type(model).__name__
     graph_module = fx.GraphModule(tracer.root, graph, name)
+    for node in graph_module.graph.nodes:
+        node.meta.pop(FAKE, None)
     graph_module.meta["graphnorm.traced_from"] = name
     graph_module.meta[INPUT_NAMES] = list(inspect.signature(model.forward).parameters)
+    graph_module.meta[CAPTURE] = capture
+    graph_module.meta[SPECIALIZED] = specialized
     tag_op_keys(graph_module)
     return graph_module
+
+
+def _trace_with_shapes(tracer: _ShapeAwareTracer, model: nn.Module, input_shape: tuple[int, ...],
+                       concrete_args: dict[str, Any] | None) -> fx.Graph:
+    from torch._dynamo.utils import deepcopy_to_fake_tensor
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    names = list(inspect.signature(model.forward).parameters)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    with fake_mode:
+        sample = torch.empty((max(2, input_shape[0]), *input_shape[1:]), dtype=dtype)
+    tracer.setup_shapes(fake_mode, deepcopy_to_fake_tensor(model, fake_mode), {names[0]: sample} if names else {})
+    return tracer.trace(model, concrete_args=concrete_args)
 
 
 def tag_op_keys(graph_module: fx.GraphModule) -> None:

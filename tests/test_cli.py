@@ -128,9 +128,10 @@ def test_bad_models_and_outputs(model, output, message, tmp_path) -> None:
 def test_failures_exit_1_in_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
     # LayerNorm() needs an argument: a usage error.
     assert run("convert", "torch.nn:LayerNorm", tmp_path / "x.onnx", "--input-shape", "1,4").exit_code == 2
-    # A model with an op that has no moment rule: a conversion failure.
-    unsupported = run("convert", "torch.nn:Softsign", tmp_path / "x.onnx", "--input-shape", "1,4")
+    # A model with an op that has no moment rule, with the sampled fallback refused: a conversion failure.
+    unsupported = run("convert", "torch.nn:Softsign", tmp_path / "x.onnx", "--input-shape", "1,4", "--strict")
     assert unsupported.exit_code == 1 and "error: no moment rule" in unsupported.output
+    assert not (tmp_path / "x.onnx").exists()
     # A wrong ONNX graph: a verification failure.
     from test_export import broken_freeze
 

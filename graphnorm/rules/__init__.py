@@ -37,4 +37,14 @@ def moment_rule(key: str, *, replace: bool = False) -> Callable[[Rule], Rule]:
 
 
 # Importing the families registers their rules.
-from . import activations, affine, normalizers, pooling, structural  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    activations,
+    affine,
+    feature_norms,
+    layout,
+    normalizers,
+    pooling,
+    products,
+    reductions,
+    structural,
+)

@@ -26,6 +26,14 @@ def identity(x: Moments, **_) -> Moments:
     return x
 
 
+@moment_rule("drop_path")
+def drop_path(x: Moments, *, p: float = 0.0, training: bool = False, **_) -> Moments:
+    """Stochastic depth (torchvision ``stochastic_depth``, timm ``DropPath``): ``y = x b/(1-p)`` with one
+    Bernoulli(1-p) ``b`` per sample (or per batch). Each unit's marginal is dropout's, so its moments are
+    dropout's: exact (the mask's correlation across units of a sample does not change per-unit moments)."""
+    return dropout(x, p=p, training=training)
+
+
 @moment_rule("dropout")
 def dropout(x: Moments, *, p: float = 0.5, training: bool = True, **_) -> Moments:
     """Inverted dropout with drop rate r. Eval: identity. Train: ``y = x b/(1-r)``, b ~ Bernoulli(1-r)

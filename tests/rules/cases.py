@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 # Channel means and stds that span small and large |mean/std| (up to 5 and down to -3).
 WIDE_MEAN = [0.0, 2.0, -3.0, 0.5, 10.0, -1.0]
@@ -259,4 +260,90 @@ CASES += [
          (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
     Case("converted-normprop", converted("normprop"), (3, 6, 6), IN3_MEAN, IN3_STD),
     Case("converted-fixed", converted("fixed"), (3, 6, 6), IN3_MEAN, IN3_STD),
+]
+
+
+# -- layout, reductions, products, per-sample normalizations (issue 10) -----------------------------------------
+IN4_MEAN, IN4_STD = [0.5, -1.0, 2.0, 0.0], [1.0, 0.5, 2.0, 1.5]
+
+
+def _timm_drop_path() -> nn.Module:
+    from timm.layers import DropPath
+
+    return DropPath(0.3)
+
+
+def _torchvision_stochastic_depth() -> nn.Module:
+    """The function form (autowrapped by the tracer: a call node, not its insides) after the module form."""
+    return Lambda(lambda x, module: stochastic_depth(module(x), 0.2, "row", True), StochasticDepth(0.3, "row"))
+
+
+def _layer_norm_2d() -> nn.Module:
+    """timm's LayerNorm2d pattern: channels last, LayerNorm over channels, channels first again."""
+    norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return Lambda(lambda x, ln: ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), norm)
+
+
+SIXTEEN_MEAN = [float(v) for v in torch.linspace(-2, 2, 16)]
+SIXTEEN_STD = [float(v) for v in torch.linspace(0.5, 2, 16)]
+# per-sample normalizations: the rule keeps the 1/D terms of the fluctuation of the sample's own statistics and
+# drops the 1/D^2 ones (feature_norms.py); 2% of the std, 4% of the variance, covers D = 16
+NORM_TOLERANCE = dict(rtol=0.02, why="second-order expansion in the sample statistics' fluctuation (feature_norms.py)")
+
+CASES += [
+    Case("mean-spatial-keepdim", lambda: Lambda(lambda x: x.mean((2, 3), keepdim=True)), (2, 4, 4), IN2_MEAN, IN2_STD),
+    Case("mean-channels-per-unit", lambda: Lambda(lambda x: torch.mean(x, dim=1)), (2, 3, 4), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("sum-last-dim", lambda: Lambda(lambda x: x.sum(-1)), (2, 3, 4), IN2_MEAN, IN2_STD),
+    Case("getitem-channel-slice", lambda: Lambda(lambda x: x[:, 1:]), (3, 2, 2), IN3_MEAN, IN3_STD),
+    Case("getitem-position-per-unit", lambda: Lambda(lambda x: x[..., 0, 1:]), (3, 3, 3), IN3_MEAN, IN3_STD,
+         spatial=True),
+    Case("split-sizes-getitem", lambda: Lambda(lambda x: torch.split(x, [1, 2], dim=1)[1] * 2.0), (3, 2, 2),
+         IN3_MEAN, IN3_STD),
+    Case("chunk-positions-per-unit", lambda: Lambda(lambda x: x.chunk(2, dim=2)[1]), (2, 5, 3), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("unbind", lambda: Lambda(lambda x: x.unbind(1)[2]), (3, 4), IN3_MEAN, IN3_STD),
+    Case("transpose-per-unit", lambda: Lambda(lambda x: x.transpose(1, 3)), (2, 3, 4), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("channel-shuffle", lambda: Lambda(lambda x: x.view(x.size(0), 2, 2, 3, 3).transpose(1, 2).reshape(
+        x.size(0), 4, 3, 3)), (4, 3, 3), IN4_MEAN, IN4_STD),
+    Case("layernorm2d-channels-last", seeded(_layer_norm_2d), (16, 3, 3), SIXTEEN_MEAN, SIXTEEN_STD, **NORM_TOLERANCE),
+    Case("expand-as", lambda: Lambda(lambda x: torch.cat([x[:, :, :1].expand_as(x), x[:, :, 1:2].expand(-1, -1, 2, -1)],
+                                                         dim=2)), (2, 3, 4), IN2_MEAN, IN2_STD),
+    Case("pad-constant-per-unit", lambda: Lambda(lambda x: F.pad(x, (1, 2, 0, 1), value=1.5)), (2, 3, 3),
+         IN2_MEAN, IN2_STD, spatial=True),
+    Case("pad-constant-channels", lambda: nn.ZeroPad2d(1), (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("pad-reflect-per-unit", lambda: Lambda(lambda x: F.pad(x, (2, 1, 1, 2), mode="reflect")), (2, 4, 4),
+         IN2_MEAN, IN2_STD, spatial=True),
+    Case("pad-replicate", lambda: nn.ReplicationPad2d(1), (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("interpolate-nearest", lambda: nn.Upsample(scale_factor=2), (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("interpolate-bilinear-per-unit", lambda: Lambda(lambda x: F.interpolate(x, size=(5, 7), mode="bilinear")),
+         (2, 3, 4), IN2_MEAN, IN2_STD, spatial=True),
+    Case("interpolate-bilinear-align-corners-per-unit",
+         lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), (2, 3, 3), IN2_MEAN, IN2_STD,
+         spatial=True),
+    Case("interpolate-bicubic-per-unit", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=2, mode="bicubic")),
+         (2, 3, 3), IN2_MEAN, IN2_STD, spatial=True),
+    Case("stack", lambda: Lambda(lambda x: torch.stack([x, x.relu()], dim=2)), (2, 3), IN2_MEAN, IN2_STD),
+    Case("unfold-per-unit", lambda: nn.Unfold(2, padding=1, stride=2), (2, 4, 4), IN2_MEAN, IN2_STD, spatial=True),
+    Case("fold-per-unit", lambda: Lambda(lambda x: F.fold(x, (4, 4), 3, padding=1)), (18, 16),
+         [0.5] * 18, [1.0 + 0.1 * i for i in range(18)], spatial=True),
+    Case("matmul-constant", seeded(lambda: Lambda(lambda x, lin: x @ lin.weight.T, nn.Linear(4, 3))), (2, 4),
+         IN2_MEAN, IN2_STD),
+    Case("matmul-independent-activations",
+         lambda: Lambda(lambda x: x[:, :2] @ x[:, 2:].transpose(-2, -1)), (4, 3, 3), IN4_MEAN, IN4_STD),
+    Case("bmm-independent-activations", lambda: Lambda(lambda x: torch.bmm(x[:, 0], x[:, 1]).unsqueeze(1)),
+         (2, 3, 3), IN2_MEAN, IN2_STD),
+    Case("drop-path-timm-train", _timm_drop_path, (6,), train=True),
+    Case("stochastic-depth-torchvision-train", _torchvision_stochastic_depth, (6,), train=True),
+    Case("layer-norm-features", seeded(lambda: nn.LayerNorm(16)), (16,), SIXTEEN_MEAN, SIXTEEN_STD,
+         **NORM_TOLERANCE),
+    Case("group-norm", seeded(lambda: nn.GroupNorm(4, 16)), (16, 3, 3), SIXTEEN_MEAN, SIXTEEN_STD, **NORM_TOLERANCE),
+    Case("instance-norm", lambda: nn.InstanceNorm2d(2), (2, 6, 6), IN2_MEAN, IN2_STD, **NORM_TOLERANCE),
+    Case("instance-norm-running", batch_norm_eval(lambda c: nn.InstanceNorm2d(c, affine=True,
+                                                                             track_running_stats=True), 2),
+         (2, 3, 3), IN2_MEAN, IN2_STD),
 ]
