@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 from common import machine, markdown_table, write_result
 
+from graphnorm.errors import first_line
+from graphnorm.graphs import has_batchnorm
+
 ROOT = Path(__file__).resolve().parents[1]
 SEGMENTATION_SHAPE = (1, 3, 224, 224)
 
@@ -41,10 +44,6 @@ def _family(name: str) -> str | None:
     return prefix + match.group(0) if match else None
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def _smallest_per_family(names: list[str], build) -> dict[str, tuple[str, int]]:
     best: dict[str, tuple[str, int]] = {}
     for name in names:
@@ -57,7 +56,7 @@ def _smallest_per_family(names: list[str], build) -> dict[str, tuple[str, int]]:
                 model = build(name)
         except Exception:
             continue
-        if not _has_batchnorm(model):
+        if not has_batchnorm(model):
             continue
         size = sum(p.numel() for p in model.parameters())
         if family not in best or size < best[family][1]:
@@ -117,8 +116,9 @@ def _step(row: dict, name: str, fn):
         value = fn()
     except Exception as err:
         row[name] = "fail"
-        row.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}" \
-            if str(err).strip() else type(err).__name__
+        reason = first_line(err)
+        row.setdefault("errors", {})[name] = reason if reason == type(err).__name__ else \
+            f"{type(err).__name__}: {reason[:300]}"
         return None
     finally:
         row.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 2)
@@ -131,7 +131,6 @@ def run_one(entry: str) -> dict:
     import tempfile
 
     import graphnorm
-    from graphnorm.errors import UnsupportedOpError
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -153,13 +152,8 @@ def run_one(entry: str) -> dict:
         if output is not None and not bool(torch.isfinite(output).all()):
             row["forward"] = "not finite"
 
-    def closed_form() -> None:
-        try:
-            graphnorm.propagate(model, stats, shape, batch_norm="analytic", fallback="error")
-        except UnsupportedOpError as err:
-            raise UnsupportedOpError(err.ops) from None
-
-    _step(row, "closed_form", closed_form)
+    _step(row, "closed_form", lambda: graphnorm.propagate(model, stats, shape, batch_norm="analytic",
+                                                          fallback="error"))
     _step(row, "fixed", lambda: graphnorm.convert(model, stats, input_shape=shape, mode="fixed",
                                                   agreement_samples=0))
     if converted is not None:
@@ -207,7 +201,7 @@ def write_page(rows: list[dict], command: str, planned: int) -> None:
         f"**{full} of {total}** convert (analytic mode), run finite and export to ONNX verified with onnxruntime; "
         f"**{closed} of {total}** of them with closed-form rules only (`fallback=\"error\"`).",
         "",
-        *([f"Partial run: {total} of the {planned} models discovered have results so far.", ""]
+        *([f"Partial run: {total} of the {planned} models planned have results so far.", ""]
           if total < planned else []),
         "Columns: *capture* is how the graph was traced (`symbolic`, or `symbolic with shapes` where Python "
         "branched on shapes); *sampled* lists the ops whose moments come from the sampled fallback; *std err* is "

@@ -22,7 +22,7 @@ from . import __version__
 from .calibration import CALIBRATIONS
 from .errors import GraphnormError, first_line
 from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, save_converted
-from .sampling import DEFAULT_SAMPLES
+from .sampling import DEFAULT_SAMPLES, FALLBACKS
 from .stats import InputStats
 
 MODES = ("analytic", "reparam", "normprop", "fixed")
@@ -165,6 +165,12 @@ def _agreement_warnings(log: Any, min_agreement: float, max_output_error: float)
     return [f"the converted model does not compute what the original computes: {'; '.join(problems)}; {hint}"], []
 
 
+def _even(_context: click.Context, _parameter: click.Parameter, value: int) -> int:
+    if value % 2:
+        raise click.BadParameter(f"must be even (the draws come in antithetic pairs), got {value}")
+    return value
+
+
 def _model_input_options(command: Callable) -> Callable:
     """Options shared by the commands that load a model and its input statistics."""
     options = [
@@ -181,11 +187,11 @@ def _model_input_options(command: Callable) -> Callable:
         click.option("--leaf-module", "leaf_modules", multiple=True,
                      help="Module path to keep as one call when tracing (repeatable)."),
         click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
-        click.option("--fallback", type=click.Choice(["sample", "error"]), default="sample", show_default=True,
+        click.option("--fallback", type=click.Choice(FALLBACKS), default="sample", show_default=True,
                      help="Ops without a closed-form moment rule: estimate their moments from Gaussian samples, "
                           "or fail listing them all (convert's --strict implies error)."),
         click.option("--fallback-samples", type=click.IntRange(min=2), default=DEFAULT_SAMPLES, show_default=True,
-                     help="Samples K of the sampled fallback (even)."),
+                     callback=_even, help="Samples K of the sampled fallback (even)."),
         click.option("--debug", is_flag=True, help="Show the Python traceback of errors."),
     ]
     for option in reversed(options):

@@ -8,7 +8,12 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-__all__ = ["ancestors", "parameter_dtype"]
+__all__ = ["ancestors", "has_batchnorm", "parameter_dtype"]
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """True when the module or one of its submodules is a BatchNorm."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def parameter_dtype(module: nn.Module) -> torch.dtype:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import fx
 
 from .errors import TraceError, first_line
+from .graphs import has_batchnorm, parameter_dtype
 from .ops import is_registered_module, op_key, registered_functions
 from .shape_tracing import FAKE, ShapeTracer
 
@@ -47,10 +48,6 @@ def _library_registrations() -> tuple[tuple[type, ...], tuple]:
     return tuple(leaf_types), tuple(functions)
 
 
-def _has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
         library_leaves, functions = _library_registrations()
@@ -63,7 +60,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if self.library_leaves and isinstance(m, self.library_leaves) and not _has_batchnorm(m):
+        if self.library_leaves and isinstance(m, self.library_leaves) and not has_batchnorm(m):
             return True  # a library's own leaf, unless it holds a BatchNorm that must be rewritten
         if is_registered_module(m):  # a module type with a moment rule is one call, not its insides
             return True
@@ -167,7 +164,7 @@ def _trace_with_shapes(tracer: _ShapeAwareTracer, model: nn.Module, input_shape:
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     names = list(inspect.signature(model.forward).parameters)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    dtype = parameter_dtype(model)
     with fake_mode:
         sample = torch.empty((max(2, input_shape[0]), *input_shape[1:]), dtype=dtype)
     tracer.setup_shapes(fake_mode, deepcopy_to_fake_tensor(model, fake_mode), {names[0]: sample} if names else {})

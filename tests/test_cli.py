@@ -65,6 +65,8 @@ def test_refuses_to_unpickle_without_trust_pickle(tmp_path) -> None:
     refused = run("convert", pickled, tmp_path / "x.onnx", "--input-shape", "1,1,8,8")
     assert refused.exit_code == 2 and "--trust-pickle" in refused.output and "arbitrary code" in refused.output
     assert not (tmp_path / "x.onnx").exists()
+    odd = run("convert", "torch.nn:Softsign", tmp_path / "x.onnx", "--input-shape", "1,4", "--fallback-samples", "7")
+    assert odd.exit_code == 2 and "must be even" in odd.output
     trusted = run("convert", pickled, tmp_path / "x.onnx", "--input-shape", "1,1,8,8", "--trust-pickle")
     assert trusted.exit_code == 0, trusted.output
     assert "assumed N(0, 1)" in trusted.output

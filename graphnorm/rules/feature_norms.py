@@ -84,7 +84,7 @@ def group_norm(x: Moments, *, num_groups: int, weight=None, bias=None, eps: floa
     dims = tuple(range(1, len(grouped)))
     mean, var = _normalize_over(x.unit_mean.reshape(grouped), x.unit_var.reshape(grouped), dims, eps)
     mean, var = _affine(mean.reshape(x.shape), var.reshape(x.shape), weight, bias, _channel_shape(x))
-    return from_units(mean, var) if len(x.shape) > 1 else Moments.per_channel(mean, var, x.shape)
+    return from_units(mean, var)
 
 
 @moment_rule("instance_norm")

@@ -69,9 +69,8 @@ def split(x: Moments, *, sections, dim: int = 0, out_shape, **_) -> tuple[Moment
     if sections is None:  # unbind
         return tuple(from_units(m, v) for m, v in zip(x.unit_mean.unbind(axis), x.unit_var.unbind(axis), strict=True))
     if axis == 0 and not x.is_per_unit:
-        shapes = out_shape
         return tuple(Moments.per_channel(m, v, tuple(s)) for m, v, s in
-                     zip(x.loc.split(sections), x.spread.split(sections), shapes, strict=True))
+                     zip(x.loc.split(sections), x.spread.split(sections), out_shape, strict=True))
     means, variances = x.unit_mean.split(sections, axis), x.unit_var.split(sections, axis)
     return tuple(from_units(m, v) for m, v in zip(means, variances, strict=True))
 

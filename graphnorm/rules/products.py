@@ -9,21 +9,10 @@ computed from one input are correlated; that covariance is neglected (as at resi
 
 from __future__ import annotations
 
-import torch
-
-from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
 from .layout import from_units
-
-
-def _per_sample(constant, like: Moments) -> torch.Tensor:
-    tensor = torch.as_tensor(constant, dtype=like.loc.dtype, device=like.loc.device)
-    if tensor.dim() > len(like.shape):
-        if tensor.shape[0] != 1:
-            raise RuleError(f"a constant of shape {tuple(tensor.shape)} varies along the batch dim")
-        tensor = tensor[0]
-    return tensor
+from .structural import constant_of_one_sample
 
 
 @moment_rule("matmul")
@@ -35,7 +24,7 @@ def matmul(a, b, **_) -> Moments:
         var = (va + ma * ma) @ (vb + mb * mb) - (ma * ma) @ (mb * mb)
         return from_units(mean, var.clamp_min(0))
     if isinstance(a, Moments):
-        c = _per_sample(b, a)
+        c = constant_of_one_sample(b, a)
         return from_units(a.unit_mean @ c, a.unit_var @ (c * c))
-    c = _per_sample(a, b)
+    c = constant_of_one_sample(a, b)
     return from_units(c @ b.unit_mean, (c * c) @ b.unit_var)

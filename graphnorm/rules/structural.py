@@ -78,15 +78,21 @@ def reshape(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments:
     return _reshaped(x, out_shape)
 
 
-def _per_sample_constant(value: torch.Tensor | numbers.Number, x: Moments) -> torch.Tensor:
-    """A constant operand as a scalar or a tensor with one dim per activation dim (batch dim dropped)."""
+def constant_of_one_sample(value: torch.Tensor | numbers.Number, x: Moments) -> torch.Tensor:
+    """A constant operand in ``x``'s dtype and device, without its batch dim if it has one (of size 1)."""
     tensor = torch.as_tensor(value, dtype=x.loc.dtype, device=x.loc.device)
-    if tensor.dim() == 0:
-        return tensor
     if tensor.dim() > len(x.shape):
         if tensor.dim() > len(x.shape) + 1 or tensor.shape[0] != 1:
             raise RuleError(f"a constant of shape {tuple(tensor.shape)} varies along the batch dim")
         tensor = tensor[0]
+    return tensor
+
+
+def _per_sample_constant(value: torch.Tensor | numbers.Number, x: Moments) -> torch.Tensor:
+    """A constant operand as a scalar or a tensor with one dim per activation dim (batch dim dropped)."""
+    tensor = constant_of_one_sample(value, x)
+    if tensor.dim() == 0:
+        return tensor
     return tensor.reshape((1,) * (len(x.shape) - tensor.dim()) + tuple(tensor.shape))
 
 
