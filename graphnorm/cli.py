@@ -183,7 +183,8 @@ def _model_input_options(command: Callable) -> Callable:
                           "agreement with the original, with the labels of an .npz's 'y' array)."),
         click.option("--weights", type=click.Path(dir_okay=False),
                      help="state_dict file for an import-spec MODEL (loaded weights-only)."),
-        click.option("--trust-pickle", is_flag=True, help="Allow MODEL to be a pickled module file (runs its code)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow MODEL to be a pickled module or a torch.export .pt2 file (both can run code)."),
         click.option("--leaf-module", "leaf_modules", multiple=True,
                      help="Module path to keep as one call when tracing (repeatable)."),
         click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
@@ -271,7 +272,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
 
     MODEL is an import spec (package.module:attr naming a module or a function returning one, e.g.
-    torchvision.models:resnet18), a graphnorm checkpoint .pt, or, with --trust-pickle, a pickled module.
+    torchvision.models:resnet18), a graphnorm checkpoint .pt, or, with --trust-pickle, a pickled module or a
+    torch.export program (.pt2 from torch.export.save).
     """
     run = _Run(quiet, as_json, debug)
     if output.suffix not in (".onnx", ".pt"):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import fx
 
-__all__ = ["ancestors", "has_batchnorm", "parameter_dtype"]
+__all__ = ["ancestors", "attribute_value", "has_batchnorm", "parameter_dtype"]
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -29,3 +30,16 @@ def ancestors(graph: fx.Graph, names: Iterable[str]) -> set[str]:
         if node.name in needed:
             needed.update(arg.name for arg in node.all_input_nodes)
     return needed
+
+
+def attribute_value(graph_module: fx.GraphModule, value: Any) -> Any:
+    """The tensor a ``get_attr`` node names; values that are not nodes as they are; LookupError (with the node's
+    name) for a node computed in the graph."""
+    if isinstance(value, fx.Node):
+        if value.op != "get_attr":
+            raise LookupError(value.name)
+        target: Any = graph_module
+        for part in str(value.target).split("."):
+            target = getattr(target, part)
+        return target
+    return value

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import fx
 
 from .errors import GraphnormError
+from .exported import as_module
 from .measure import analytic_batchnorm_statistics, measure
 from .propagate import MomentPropagator
 from .report import ChannelSummary, Report, ReportRow, ResidualBranch
@@ -53,7 +54,8 @@ def _with_progress(batches: Iterable[torch.Tensor], total: int | None, show: boo
             progress.advance(task, batch.shape[0])
 
 
-def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], data: Any = None,
+def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, *, input_shape: Iterable[int],
+            data: Any = None,
             samples: int = 1024, spatial: bool = False, leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, batch_size: int = 64,
             normalize: Literal["as-is", "analytic"] = "as-is", empirical: bool = True,
@@ -71,7 +73,7 @@ def inspect(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         raise GraphnormError(f"normalize must be 'as-is' or 'analytic', got {normalize!r}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
-    working = copy.deepcopy(model).eval()
+    working = copy.deepcopy(as_module(model)).eval()
     propagator = MomentPropagator(working, input_shape, spatial=spatial, leaf_modules=leaf_modules,
                                   concrete_args=concrete_args,
                                   batch_norm="analytic" if normalize == "analytic" else "auto",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class ModelLoadError(GraphnormError):
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: nn.Module | torch.export.ExportedProgram
     spec: str | None  # import spec, when the model can be rebuilt from code
     defaults: dict[str, Any] = field(default_factory=dict)  # input_shape / input_mean / input_std from a checkpoint
 
@@ -101,11 +102,35 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise ModelLoadError(f"{path} does not fit the model: {first_line(err)} ...") from err
 
 
+def is_export_archive(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (a zip holding ``<name>/archive_format``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "archive_format" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_exported_program(path: Path, weights: str | os.PathLike | None, trust_pickle: bool) -> LoadedModel:
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"{path} is a torch.export program (.pt2); torch.export.load can run code stored in such a file (it "
+            "unpickles its sample inputs and evaluates its shape expressions). If you trust the file, pass "
+            "--trust-pickle; otherwise give the model as an import spec (package.module:attr) with --weights FILE")
+    if weights is not None:
+        raise ModelLoadError(f"{path} holds its own weights; --weights applies to import specs and checkpoints")
+    try:
+        program = torch.export.load(path)
+    except Exception as err:
+        raise ModelLoadError(f"{path} is not a program torch.export.load can read: {first_line(err)}") from err
+    return LoadedModel(program, None)
+
+
 def load_model(source: str, *, weights: str | os.PathLike | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """A model from an import spec (optionally with ``weights``), a graphnorm checkpoint, or a pickled module
-    (only with ``trust_pickle``)."""
+    """A model from an import spec (optionally with ``weights``), a graphnorm checkpoint, or, only with
+    ``trust_pickle``, a pickled module or a ``torch.export`` program (``.pt2``)."""
     path = Path(source)
-    if path.suffix in (".pt", ".pth") or path.exists():
+    if path.suffix in (".pt", ".pth", ".pt2") or path.exists():
         if not path.exists():
             raise ModelLoadError(f"no such file: {path}")
         return _load_file(path, weights, trust_pickle)
@@ -116,6 +141,8 @@ def load_model(source: str, *, weights: str | os.PathLike | None = None, trust_p
 
 
 def _load_file(path: Path, weights: str | os.PathLike | None, trust_pickle: bool) -> LoadedModel:
+    if is_export_archive(path):
+        return _load_exported_program(path, weights, trust_pickle)
     try:
         content = _safe_load(path)
     except ModelLoadError:

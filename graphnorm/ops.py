@@ -526,3 +526,4 @@ register_qualified("timm.layers.drop.DropPath", "drop_path",
 register_qualified("timm.layers.drop.drop_path", "drop_path",
                    lambda x, drop_prob=0.0, training=False, scale_by_keep=True: _drop_path_function(
                        x, drop_prob, training=training, rescaled=scale_by_keep))
+from . import aten_spellings as _aten_spellings  # noqa: E402,F401  (registers the ATen spellings)

@@ -85,8 +85,13 @@ def _module_path(node: fx.Node) -> str | None:
     return None
 
 
+_SYM_SIZE = torch.ops.aten.sym_size.int  # x.size(dim) in a graph captured by torch.export
+
+
 def _is_static_query(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in _STATIC_METHODS:
+        return True
+    if node.op == "call_function" and node.target == _SYM_SIZE:
         return True
     return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
             and node.args[1] in _STATIC_ATTRIBUTES)
@@ -96,7 +101,8 @@ class MomentPropagator:
     """A model prepared for repeated moment propagation.
 
     Args:
-        model: an ``nn.Module`` (traced with :func:`graphnorm.trace`) or a GraphModule from it.
+        model: an ``nn.Module`` (traced with :func:`graphnorm.trace`), a GraphModule from it, or a
+            ``torch.export.ExportedProgram``.
         input_shape: shape of one input batch, batch dim first, e.g. ``(1, 3, 32, 32)``.
         spatial: keep per-unit maps (exact zero padding at borders) instead of per-channel moments.
         batch_norm: "auto" uses each BatchNorm as its mode says (running statistics in eval, the analytic
@@ -111,7 +117,8 @@ class MomentPropagator:
             in ``sampled`` (complete after the first :meth:`run`: a rule may decline a call it cannot handle).
     """
 
-    def __init__(self, model: nn.Module, input_shape: Iterable[int], *, spatial: bool = False,
+    def __init__(self, model: nn.Module | torch.export.ExportedProgram, input_shape: Iterable[int], *,
+                 spatial: bool = False,
                  batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
                  concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                  targets: Iterable[str] | None = None, fallback: str | SampledFallback | None = "sample",
@@ -195,7 +202,8 @@ class MomentPropagator:
         return MomentTable(interpreter.moments, self.info)
 
 
-def propagate(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *, spatial: bool = False,
+def propagate(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, input_shape: Iterable[int], *,
+              spatial: bool = False,
               batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
               concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
               fallback: str | SampledFallback | None = "sample", fallback_samples: int = DEFAULT_SAMPLES
@@ -286,6 +294,8 @@ class _MomentInterpreter(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
+        if target == _SYM_SIZE and isinstance(args[0], Moments):
+            return self._batch_shape(args[0])[args[1]]
         if target is getattr and isinstance(args[0], Moments):
             shape = self._batch_shape(args[0])
             return {"shape": shape, "ndim": len(shape), "dtype": self.propagator.dtype,

@@ -39,6 +39,8 @@ from .agreement import Agreement, compare_outputs, evaluating
 from .calibration import Calibrate, has_trained_statistics, measure_batchnorm_inputs, resolve_calibration
 from .converted import ConvertedModule, StatisticsState
 from .errors import GraphnormError
+from .exported import as_module
+from .graphs import attribute_value
 from .normalizers import (
     RELU_MEAN,
     RELU_STD,
@@ -155,17 +157,6 @@ class BatchNormSite:
         self.input_name = self.node.args[0].name
 
 
-def _resolve(graph_module: fx.GraphModule, value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        if value.op != "get_attr":
-            raise LookupError(value.name)
-        target: Any = graph_module
-        for part in str(value.target).split("."):
-            target = getattr(target, part)
-        return target
-    return value
-
-
 def find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: ConversionLog) -> list[BatchNormSite]:
     sites = []
     for node in graph_module.graph.nodes:
@@ -182,8 +173,8 @@ def find_sites(graph_module: fx.GraphModule, random_nodes: set[str], log: Conver
                                        module.eps, None if tracked is None else int(tracked)))
             continue
         try:
-            args = [node.args[0], *(_resolve(graph_module, a) for a in node.args[1:])]
-            kwargs = {k: _resolve(graph_module, v) for k, v in node.kwargs.items() if k != "input"}
+            args = [node.args[0], *(attribute_value(graph_module, a) for a in node.args[1:])]
+            kwargs = {k: attribute_value(graph_module, v) for k, v in node.kwargs.items() if k != "input"}
         except LookupError as missing:
             log.skipped.append(Skip(node.name, None, f"its statistics or affine parameters are computed in the "
                                                      f"graph (node '{missing}'), not parameters or buffers"))
@@ -410,7 +401,8 @@ def _calibration_targets(graph_module: fx.GraphModule, sites: list[BatchNormSite
     return {}
 
 
-def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], mode: Mode = "analytic",
+def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, *, input_shape: Iterable[int],
+            mode: Mode = "analytic",
             eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
             spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
@@ -447,6 +439,7 @@ def convert(model: nn.Module, stats: InputStats, *, input_shape: Iterable[int], 
         raise GraphnormError(f"agreement_samples must be >= 0, got {agreement_samples}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
+    model = as_module(model)  # an ExportedProgram: its graph, layers as modules (the reference of the agreement)
     graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args,
                          input_shape=input_shape)
     propagator = MomentPropagator(graph_module, input_shape, spatial=spatial, batch_norm="analytic",

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import fx
 
 from .errors import TraceError, first_line
+from .exported import EXPORT_CAPTURE, as_module, export_model, graph_module_from_export
 from .graphs import has_batchnorm, parameter_dtype
 from .ops import is_registered_module, op_key, registered_functions
 from .shape_tracing import FAKE, ShapeTracer
@@ -28,7 +29,7 @@ __all__ = ["OP_KEY", "trace"]
 
 OP_KEY = "graphnorm.op"
 INPUT_NAMES = "graphnorm.input_names"  # the traced forward's parameter names, in placeholder order
-CAPTURE = "graphnorm.capture"  # how the graph was captured: "symbolic" or "symbolic with shapes"
+CAPTURE = "graphnorm.capture"  # how the graph was captured: "symbolic", "symbolic with shapes", "torch.export"
 SPECIALIZED = "graphnorm.specialized"  # source locations where the graph took a branch for the input shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -106,7 +107,7 @@ class _ShapeAwareTracer(ShapeTracer, _Tracer):
 
 
 def trace(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -116,12 +117,16 @@ def trace(
 
     When plain symbolic tracing fails and ``input_shape`` is given, the model is traced again with proxies that
     know the shapes (:mod:`graphnorm.shape_tracing`): Python that branches on shapes takes its branch for that
-    shape. ``graph_module.meta["graphnorm.capture"]`` says which path was taken and
+    shape; when that fails too, it is captured with ``torch.export.export(strict=False)``, which runs its Python on
+    fake tensors (:mod:`graphnorm.exported`). An ``ExportedProgram`` is taken as it is, its layers made modules
+    again. ``graph_module.meta["graphnorm.capture"]`` says which path was taken and
     ``meta["graphnorm.specialized"]`` where the graph depends on the input shape. An existing GraphModule is
     re-tagged, not re-traced. The model is not modified.
     """
+    model = as_module(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"graphnorm.trace needs an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"graphnorm.trace needs an nn.Module or a torch.export.ExportedProgram, got "
+                        f"{type(model).__name__}")
     if isinstance(model, fx.GraphModule):
         tag_op_keys(model)
         return model
@@ -140,10 +145,11 @@ def trace(
         if input_shape is None:
             raise TraceError(_trace_failure_message(err, tracer.failed_module)) from err
         tracer = _ShapeAwareTracer(leaf_types, leaf_names)
+        input_shape = tuple(int(s) for s in input_shape)
         try:
-            graph = _trace_with_shapes(tracer, model, tuple(int(s) for s in input_shape), concrete_args)
+            graph = _trace_with_shapes(tracer, model, input_shape, concrete_args)
         except Exception as shaped_err:
-            raise TraceError(_trace_failure_message(shaped_err, tracer.failed_module)) from shaped_err
+            return _export_instead(model, input_shape, _trace_failure_message(shaped_err, tracer.failed_module))
         capture, specialized = "symbolic with shapes", list(tracer.specialized)
     name = type(model).__name__
     graph_module = fx.GraphModule(tracer.root, graph, name)
@@ -169,6 +175,19 @@ def _trace_with_shapes(tracer: _ShapeAwareTracer, model: nn.Module, input_shape:
         sample = torch.empty((max(2, input_shape[0]), *input_shape[1:]), dtype=dtype)
     tracer.setup_shapes(fake_mode, deepcopy_to_fake_tensor(model, fake_mode), {names[0]: sample} if names else {})
     return tracer.trace(model, concrete_args=concrete_args)
+
+
+def _export_instead(model: nn.Module, input_shape: tuple[int, ...], why: str) -> fx.GraphModule:
+    """The last capture path: ``torch.export.export(strict=False)`` (:mod:`graphnorm.exported`)."""
+    try:
+        program = export_model(model, input_shape, parameter_dtype(model))
+        graph_module = graph_module_from_export(program, EXPORT_CAPTURE + " (symbolic tracing failed)")
+    except Exception as err:
+        raise TraceError(f"{why}\ntorch.export.export(strict=False) could not capture the model either: "
+                         f"{first_line(err)}") from err
+    graph_module.meta["graphnorm.traced_from"] = type(model).__name__
+    tag_op_keys(graph_module)
+    return graph_module
 
 
 def tag_op_keys(graph_module: fx.GraphModule) -> None:
