@@ -203,8 +203,9 @@ def write_page(rows: list[dict], command: str, planned: int) -> None:
         "",
         *([f"Partial run: {total} of the {planned} models planned have results so far.", ""]
           if total < planned else []),
-        "Columns: *capture* is how the graph was traced (`symbolic`, or `symbolic with shapes` where Python "
-        "branched on shapes); *sampled* lists the ops whose moments come from the sampled fallback; *std err* is "
+        "Columns: *capture* is how the graph was traced (`symbolic`, `symbolic with shapes` where Python "
+        "branched on shapes, or `torch.export` where symbolic tracing failed); *sampled* lists the ops whose "
+        "moments come from the sampled fallback; *std err* is "
         "the median / worst relative error of the analytic std at the BatchNorm inputs (N(0, 1) input, every "
         "BatchNorm on analytic statistics, 32 samples measured).",
         "",
@@ -223,19 +224,31 @@ def write_page(rows: list[dict], command: str, planned: int) -> None:
     (ROOT / "docs" / "models.md").write_text("\n".join(lines) + "\n")
 
 
+def _previous_rows(entries: list[str]) -> dict[str, dict]:
+    """Rows of the last run (benchmarks/results/zoo.json) for the planned ``entries``: a long run resumes."""
+    path = ROOT / "benchmarks" / "results" / "zoo.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {row["model"]: row for row in rows if row.get("model") in entries}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--models", help="comma-separated source:name entries instead of discovering them")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of benchmarks/results/zoo.json for planned models and run the rest")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
     entries = args.models.split(",") if args.models else discover()
     print(f"{len(entries)} models", flush=True)
-    rows = []
-    for entry in entries:
+    done = _previous_rows(entries) if args.resume else {}
+    rows = [done[entry] for entry in entries if entry in done]
+    for entry in [e for e in entries if e not in done]:
         row = _run_isolated(entry, args.timeout)
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("model", "convert", "forward", "export", "closed_form",

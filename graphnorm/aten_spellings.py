@@ -178,9 +178,13 @@ for _overload in _overloads("_native_batch_norm_legit_no_training.default"):
     register_op(_overload, "batch_norm", _batch_norm_no_training)
 
 
+_WHOLE_DIM = 2**63 - 1  # torch.export writes x[:, :c] as slice(x, 0, 0, 2**63 - 1) then slice(x, 1, 0, c)
+
+
 def _slice(x, dim=0, start=None, end=None, step=1):
     rank = len(x.shape) + 1
-    return (x,), {"index": (slice(None),) * (dim % rank) + (slice(start, end, step),)}
+    whole = start in (None, 0) and (end is None or end >= _WHOLE_DIM) and step in (None, 1)
+    return (x,), {"index": (slice(None),) * (dim % rank) + (slice(None) if whole else slice(start, end, step),)}
 
 
 def _select(x, dim, index):

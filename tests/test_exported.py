@@ -148,3 +148,24 @@ def test_pt2_file_is_a_model_for_the_cli_only_when_trusted(trained_resnet, tmp_p
     assert summary["conversion"]["counts"] == {"analytic": 20} and summary["conversion"]["calibration"] == "running"
     assert summary["export"]["diffs"] and "BatchNormalization" not in summary["export"]["op_counts"]
     assert path.read_bytes() == untouched
+
+
+@pytest.mark.parametrize("name", ["timm:ghostnet_050", "torchvision:shufflenet_v2_x0_5"])
+def test_real_families_convert_the_same_from_their_exported_program(name: str) -> None:
+    """GhostNet (ghost-module slices x[:, :c], squeeze-excitation means, hard sigmoid) and ShuffleNetV2 (the
+    channel shuffle as view/transpose): the program converts with closed-form rules only, to the model that
+    converting the module gives."""
+    import timm
+
+    source, _, model_name = name.partition(":")
+    torch.manual_seed(0)
+    model = (timm.create_model(model_name, pretrained=False) if source == "timm"
+             else torchvision.models.get_model(model_name, weights=None)).eval()
+    shape = (1, 3, 64, 64)
+    from_program = graphnorm.convert(export(model, shape), InputStats.standard(3), input_shape=shape,
+                                     fallback="error", agreement_samples=0)
+    traced = graphnorm.convert(model, InputStats.standard(3), input_shape=shape, agreement_samples=0)
+    assert from_program.graphnorm_log.counts == traced.graphnorm_log.counts
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(from_program(x), traced(x), rtol=1e-4, atol=1e-5)
