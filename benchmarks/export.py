@@ -26,11 +26,21 @@ import graphnorm
 IMAGENET = ["--input-mean", "0.485,0.456,0.406", "--input-std", "0.229,0.224,0.225"]
 
 
+PLAIN_EXPORT = """import sys, torch, torchvision
+model = getattr(torchvision.models, sys.argv[1])(weights=None).eval()
+torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), sys.argv[2], dynamo=True,
+                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+"""
+
+
 def whole_process(model: str, out: Path, runs: int) -> dict[str, list[float]]:
-    """Process times with the default agreement check and without it (--agreement-samples 0), interleaved."""
+    """Process times with the default agreement check, without it (--agreement-samples 0), and of a plain
+    ``torch.onnx.export(dynamo=True)`` of the original model in eval mode (no verification), interleaved."""
     command = [sys.executable, "-m", "graphnorm", "convert", f"torchvision.models:{model}", str(out),
                "--input-shape", "1,3,224,224", *IMAGENET, "--force", "-q"]
-    variants = {"default": command, "no agreement check": [*command, "--agreement-samples", "0"]}
+    variants = {"default": command, "no agreement check": [*command, "--agreement-samples", "0"],
+                "plain torch.onnx.export": [sys.executable, "-c", PLAIN_EXPORT, model,
+                                            str(out.with_name(f"{model}_plain.onnx"))]}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):
         for name, variant in variants.items():
@@ -72,14 +82,18 @@ def main() -> None:
                          "process_median_s": statistics.median(times["default"]),
                          "process_seconds_without_agreement": times["no agreement check"],
                          "process_median_without_agreement_s": statistics.median(times["no agreement check"]),
+                         "process_seconds_plain_export": times["plain torch.onnx.export"],
+                         "process_median_plain_export_s": statistics.median(times["plain torch.onnx.export"]),
                          "ort_median_ms": {k: v * 1e3 for k, v in medians.items()}, "ort_ratio": ratio})
     path = write_result("export", {"runs": args.runs, "latency_repeats": args.latency_repeats, "rows": rows})
-    print("| model | convert+export+verify (process, median) | without the agreement check | ORT converted | "
-          "ORT original | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | convert+export+verify (process, median) | without the agreement check | plain torch.onnx.export "
+          "| ratio to plain | ORT converted | ORT original | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ort = r["ort_median_ms"]
+        plain = r["process_median_plain_export_s"]
         print(f"| {r['model']} | {r['process_median_s']:.1f} s | {r['process_median_without_agreement_s']:.1f} s | "
+              f"{plain:.1f} s | {r['process_median_s'] / plain:.2f} | "
               f"{ort['converted (graphnorm)']:.1f} ms | {ort['original (eval BatchNorm)']:.1f} ms | "
               f"{r['ort_ratio']:.3f} |")
     announce(path)
