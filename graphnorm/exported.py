@@ -202,6 +202,7 @@ def _install_layer(graph_module: fx.GraphModule, path: str, layer: nn.Module, fa
 
 def _lift_layers(graph_module: fx.GraphModule) -> None:
     graph = graph_module.graph
+    counters: set[str] = set()  # num_batches_tracked of the BatchNorms made modules
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -233,7 +234,8 @@ def _lift_layers(graph_module: fx.GraphModule) -> None:
         node.replace_all_uses_with(call)
         graph.erase_node(node)
         if key == "batch_norm":
-            _drop_batch_counter(graph, f"{target}.num_batches_tracked")
+            counters.add(f"{target}.num_batches_tracked")
+    _drop_batch_counters(graph, counters)
 
 
 def _container(graph_module: fx.GraphModule, path: str) -> nn.Module | None:
@@ -243,12 +245,12 @@ def _container(graph_module: fx.GraphModule, path: str) -> nn.Module | None:
         return None
 
 
-def _drop_batch_counter(graph: fx.Graph, counter: str) -> None:
-    """Remove ``counter.add_(1)``: a BatchNorm module counts its own batches."""
+def _drop_batch_counters(graph: fx.Graph, counters: set[str]) -> None:
+    """Remove ``counter.add_(1)`` for each of ``counters``: a BatchNorm module counts its own batches."""
     for node in list(graph.nodes):
         if (node.op == "call_function" and node.target == aten.add_.Tensor and not node.users
                 and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
-                and node.args[0].target == counter):
+                and node.args[0].target in counters):
             graph.erase_node(node)
 
 
