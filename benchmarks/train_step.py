@@ -1,10 +1,15 @@
-"""Wall time of one training step (forward + backward + SGD step) of torchvision ResNet-18 on (B, 3, 32, 32):
-the original BatchNorm model, graphnorm's analytic, reparam and NormProp conversions, and the same network with
-BatchNorm removed (the floor for any batch-independent normalizer). Measured side by side, round-robin, and
-reported as ratios to the BatchNorm step.
+"""Wall time of one training step (forward + backward + SGD step) of torchvision ResNet-18 on (B, 3, S, S):
+the original BatchNorm model, graphnorm's analytic, reparam and NormProp conversions, the same network with
+BatchNorm removed (the floor for any batch-independent normalizer), and the weight-based normalizers a user would
+pick instead (BatchNorm removed, every conv swapped): torch ``weight_norm`` and timm ``StdConv2d`` (weight
+standardization). Measured side by side, round-robin, reported as ratios to the BatchNorm step; ``--compile``
+adds every variant under ``torch.compile`` (ratios to the compiled BatchNorm step). Also reported: the number of
+ops the recorded statistics program runs per training step (forward, and backward nodes), each a kernel launch on
+a GPU.
 
-    python benchmarks/train_step.py                   # B in 1 8 32, 20 steps each
-    python benchmarks/train_step.py --batches 32 --repeats 40 --profile
+    python benchmarks/train_step.py                   # B in 1 8 32, 20 steps each, 32x32
+    python benchmarks/train_step.py --batches 32 --size 64 --compile
+    python benchmarks/train_step.py --batches 32 --repeats 40 --profile --breakdown
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import copy
 import cProfile
 import pstats
 
+import timm.layers
 import torch
 import torch.nn as nn
 import torchvision
@@ -21,6 +27,7 @@ from common import announce, interleaved_medians, write_result
 
 import graphnorm
 from graphnorm import InputStats
+from graphnorm.program import op_count
 
 
 def without_batchnorm(model: nn.Module) -> nn.Module:
@@ -46,30 +53,56 @@ def step_function(model: nn.Module, batch: int, size: int = 32):
     return step
 
 
+def with_weight_normalized_convs(model: nn.Module, kind: str) -> nn.Module:
+    """BatchNorm removed and every conv weight-normalized: torch ``weight_norm`` (``g v/||v||``) or timm
+    ``StdConv2d`` (weight standardization), with the original weights."""
+    stripped = without_batchnorm(model)
+    for name, module in list(stripped.named_modules()):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        if kind == "weight_norm":
+            stripped.set_submodule(name, torch.nn.utils.parametrizations.weight_norm(module))
+        else:
+            swapped = timm.layers.StdConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                                            module.stride, module.padding, module.dilation, module.groups,
+                                            bias=module.bias is not None)
+            swapped.load_state_dict(module.state_dict())
+            stripped.set_submodule(name, swapped)
+    return stripped
+
+
+def statistics_op_counts(converted: graphnorm.ConvertedModule) -> dict[str, int]:
+    """Ops of one training step's statistics: the recorded program's forward ops and the autograd nodes its
+    backward runs."""
+    program = converted.statistics_program
+    if program is None:
+        return {"forward_ops": 0, "backward_nodes": 0}
+    named = dict(converted.named_parameters()) | dict(converted.named_buffers())
+    outputs = program.train()(*(named[name] for name in program.names))
+    seen, stack = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    backward = sum(type(node).__name__ != "AccumulateGrad" for node in seen)
+    return {"forward_ops": op_count(program.train_program), "backward_nodes": backward}
+
+
 def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats: int) -> dict[str, float]:
-    """Split one analytic training step: the statistics pass (forward, forward + backward) and the graph with
-    the statistics detached, next to BatchNorm's forward + backward (medians, ms)."""
+    """Split one analytic training step: the statistics program (forward, forward + backward) next to the
+    whole step's forward + backward and BatchNorm's (medians, ms)."""
     converted = graphnorm.convert(base, stats, input_shape=(1, 3, size, size), mode="analytic").train()
-    state = converted.__dict__["_graphnorm_state"]
+    program = converted.statistics_program
+    named = dict(converted.named_parameters()) | dict(converted.named_buffers())
+    inputs = [named[name] for name in program.names]
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     reference = copy.deepcopy(base).train()
-
-    def statistics_backward() -> None:
-        state.refresh(converted)
-        sum(s.sum() for name, _ in state.analytic_sites for s in converted.get_submodule(name).statistics).backward()
-
-    def graph_only() -> None:
-        state.refresh(converted)
-        for name, _ in state.analytic_sites:
-            module = converted.get_submodule(name)
-            module.statistics = tuple(s.detach() for s in module.statistics)
-        out = torch.fx.GraphModule.__call__(converted, x)  # skip the automatic refresh
-        nn.functional.cross_entropy(out, y).backward()
-
     medians = interleaved_medians({
-        "statistics pass forward": lambda: state.refresh(converted),
-        "statistics pass forward + backward": statistics_backward,
-        "graph forward + backward, statistics detached (includes one pass forward)": graph_only,
+        "statistics program forward": lambda: program(*inputs),
+        "statistics program forward + backward": lambda: sum(t.sum() for t in program(*inputs)).backward(),
+        "analytic model forward + backward": lambda: nn.functional.cross_entropy(converted(x), y).backward(),
         "BatchNorm model forward + backward": lambda: nn.functional.cross_entropy(reference(x), y).backward(),
     }, repeats)
     return {name: seconds * 1e3 for name, seconds in medians.items()}
@@ -83,6 +116,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one analytic step (cProfile)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also split an analytic step at the largest batch into statistics pass and graph")
+    parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(weights=None)
@@ -94,7 +128,13 @@ def main() -> None:
         "graphnorm reparam": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="reparam"),
         "graphnorm normprop": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="normprop"),
         "no normalization": lambda: without_batchnorm(base),
+        "torch weight_norm": lambda: with_weight_normalized_convs(base, "weight_norm"),
+        "timm StdConv2d": lambda: with_weight_normalized_convs(base, "std_conv"),
     }
+    if args.compile:
+        variants |= {f"{name}, compiled": (lambda make=make: torch.compile(make())) for name, make in variants.items()}
+    op_counts = {mode: statistics_op_counts(graphnorm.convert(base, stats, input_shape=shape, mode=mode))
+                 for mode in ("analytic", "reparam")}
     rows = []
     for batch in args.batches:
         steps, failures = {}, {}
@@ -108,9 +148,12 @@ def main() -> None:
             steps[name] = step
         medians = interleaved_medians(steps, args.repeats)
         for name, seconds in medians.items():
+            compiled = name.endswith(", compiled")
+            reference = "BatchNorm, compiled" if compiled else "BatchNorm"
+            floor = "no normalization, compiled" if compiled else "no normalization"
             rows.append({"batch": batch, "variant": name, "median_ms": seconds * 1e3,
-                         "ratio_to_batchnorm": seconds / medians["BatchNorm"] if "BatchNorm" in medians else None,
-                         "ratio_to_no_norm": seconds / medians["no normalization"]})
+                         "ratio_to_batchnorm": seconds / medians[reference] if reference in medians else None,
+                         "ratio_to_no_norm": seconds / medians[floor]})
         rows += [{"batch": batch, "variant": name, "error": error} for name, error in failures.items()]
         if args.profile and batch == args.batches[-1]:
             analytic = step_function(variants["graphnorm analytic"](), batch, args.size)
@@ -124,8 +167,13 @@ def main() -> None:
         for name, ms in split.items():
             print(f"| {name} | {ms:.1f} ms |")
     batches = "-".join(str(b) for b in args.batches)
-    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}",
-                        {"repeats": args.repeats, "size": args.size, "rows": rows, "breakdown_ms": split})
+    suffix = "_compile" if args.compile else ""
+    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}{suffix}",
+                        {"repeats": args.repeats, "size": args.size, "rows": rows, "breakdown_ms": split,
+                         "statistics_ops_per_step": op_counts})
+    for mode, counts in op_counts.items():
+        print(f"{mode}: the statistics program runs {counts['forward_ops']} ops forward and "
+              f"{counts['backward_nodes']} autograd nodes backward per training step")
     print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
     print("|---|---|---|---|---|")
     for r in rows:

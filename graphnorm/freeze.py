@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 from torch import fx
 
-from .converted import ConvertedModule
+from .converted import ConvertedModule, remove_statistics_program
 from .errors import GraphnormError
 from .graphs import parameter_dtype
 from .normalizers import AnalyticNorm, BatchNoise, ChannelAffine, NormPropLayer
@@ -140,8 +140,11 @@ def freeze(model: nn.Module, *, input_shape: Iterable[int], leaf_modules: Iterab
         model.eval()
         model.refresh_statistics(force=True)
     frozen = copy.deepcopy(model).eval()
-    frozen = (fx.GraphModule(frozen, frozen.graph) if isinstance(frozen, fx.GraphModule)
-              else trace(frozen, leaf_modules=leaf_modules, concrete_args=concrete_args))
+    if isinstance(frozen, fx.GraphModule):
+        remove_statistics_program(frozen)  # the statistics are constants now: those of the refresh above
+        frozen = fx.GraphModule(frozen, frozen.graph)
+    else:
+        frozen = trace(frozen, leaf_modules=leaf_modules, concrete_args=concrete_args)
     with torch.no_grad():
         _plain_layers(frozen)
     for node in list(frozen.graph.nodes):

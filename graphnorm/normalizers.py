@@ -42,21 +42,30 @@ def channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` along dim 1, differentiable in all three, through PyTorch's fused eval-mode
     BatchNorm kernel (zero mean, unit variance, eps 0): one pass forward and a fused backward, where the
-    broadcasting expression reduces ``grad * x`` over batch and positions in separate, slower passes."""
-    unit_mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    broadcasting expression reduces ``grad * x`` over batch and positions in separate, slower passes.
+    ``scale`` and ``shift`` share one dtype: x's, or float32 for a float16/bfloat16 x (:func:`affine_dtype`)."""
+    unit_mean = torch.zeros(x.shape[1], dtype=scale.dtype, device=x.device)
     unit_var = torch.ones_like(unit_mean)
     return F.batch_norm(x, unit_mean, unit_var, scale, shift, False, 0.0, 0.0)
+
+
+def affine_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of per-channel normalization parameters applied to ``x``: float32 for a float16/bfloat16
+    activation (PyTorch's BatchNorm kernels take low-precision input with float32 parameters, as under autocast:
+    the output stays in x's dtype without rounding the parameters), else x's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def batch_noise(batch: int, channels: int, virtual_batch: int, like: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale ``s`` and shift ``t``, each ``[batch, channels]``, that turn an exact normalization into the one
     a BatchNorm of batch size ``virtual_batch`` would apply to Gaussian data: ``y = s x_norm + t``."""
-    concentration = torch.full((batch, channels), (virtual_batch - 1) / 2.0, dtype=like.dtype, device=like.device)
+    dtype = torch.promote_types(like.dtype, torch.float32)  # drawn in float32 or better, used in like's dtype
+    concentration = torch.full((batch, channels), (virtual_batch - 1) / 2.0, dtype=dtype, device=like.device)
     ratio = torch._standard_gamma(concentration) / (virtual_batch / 2.0)  # v_hat / v ~ Gamma((M-1)/2, rate M/2)
     scale = ratio.rsqrt()
     shift = -torch.randn_like(concentration) * scale / math.sqrt(virtual_batch)
-    return scale, shift
+    return scale.to(like.dtype), shift.to(like.dtype)
 
 
 def stochastic_variance_factor(virtual_batch: int) -> float:
@@ -138,32 +147,42 @@ class AnalyticNorm(nn.Module):
         self.calibration = Calibration(num_features, weight if weight is not None else bias)
         self.statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def normalizing_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, sigma)`` per channel: the calibrated analytic mean and std (with eps)."""
-        if self.statistics is None:
+    def normalizing_statistics(self, statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` per channel: the calibrated analytic mean and std (with eps), from ``statistics``
+        (the input's analytic ``(mean, var)``) or, without them, from the last refresh's :attr:`statistics`."""
+        if statistics is None:
+            statistics = self.statistics
+        if statistics is None:
             raise RuntimeError("AnalyticNorm has no statistics: call it through the model graphnorm.convert returned")
-        mean, var = self.statistics
+        mean, var = statistics
         return self.calibration.apply(mean, torch.sqrt(var + self.eps))
 
-    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_affine(self, statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-channel ``x * scale + shift`` this normalizer computes without noise."""
-        mu, sigma = self.normalizing_statistics()
+        mu, sigma = self.normalizing_statistics(statistics)
         scale = 1.0 / sigma if self.weight is None else self.weight / sigma
         shift = -mu * scale if self.bias is None else self.bias - mu * scale
         return scale, shift
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None, var: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Normalize ``x`` with its input's analytic ``(mean, var)`` (the converted graph passes them; without
+        them, the last refresh's :attr:`statistics`). Statistics in float32 or better, applied in x's dtype."""
+        statistics = None if mean is None or var is None else (mean, var)
         if self.training and self.stochastic_batch is not None:
-            mu, sigma = (t.to(x.dtype) for t in self.normalizing_statistics())
+            mu, sigma = (t.to(x.dtype) for t in self.normalizing_statistics(statistics))
             y = (x - channel_view(mu, x)) / channel_view(sigma, x)
             noise_scale, noise_shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
             view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
             y = y * noise_scale.reshape(view) + noise_shift.reshape(view)
             if self.weight is not None:
-                y = y * channel_view(self.weight, x)
-            return y if self.bias is None else y + channel_view(self.bias, x)
-        scale, shift = self.eval_affine()
-        return channel_affine(x, scale.to(x.dtype), shift.to(x.dtype))
+                y = y * channel_view(self.weight.to(x.dtype), x)
+            return y if self.bias is None else y + channel_view(self.bias.to(x.dtype), x)
+        scale, shift = self.eval_affine(statistics)
+        dtype = affine_dtype(x)
+        return channel_affine(x, scale.to(dtype), shift.to(dtype))
 
     def __getstate__(self) -> dict:
         """Copies and pickles keep the statistics' values, not their autograd history."""
@@ -252,9 +271,13 @@ class ReparamState:
                 state[name] = state[name].detach()
         return state
 
+    def normalizing(self, raw_mean: torch.Tensor, raw_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` from the channel moments of the layer's output without its bias."""
+        return self.calibration.apply(raw_mean, torch.sqrt(raw_var + self.eps))
+
     def update(self, raw_mean: torch.Tensor, raw_var: torch.Tensor) -> None:
         """Set ``(mu, sigma)`` from the channel moments of the layer's output without its bias."""
-        self.mu, self.sigma = self.calibration.apply(raw_mean, torch.sqrt(raw_var + self.eps))
+        self.mu, self.sigma = self.normalizing(raw_mean, raw_var)
 
     def statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mu is None or self.sigma is None:
@@ -272,10 +295,14 @@ class NormalizedWeight(nn.Module):
         self.gamma = gamma
         self.calibration = state.calibration
 
+    def normalize(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``gamma W / sigma`` per output channel."""
+        scale = 1.0 / sigma if self.gamma is None else self.gamma.to(weight.dtype) / sigma
+        return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         _, sigma = self.state.statistics(weight)
-        scale = 1.0 / sigma if self.gamma is None else self.gamma / sigma
-        return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        return self.normalize(weight, sigma)
 
 
 class NormalizedBias(nn.Module):
@@ -287,10 +314,14 @@ class NormalizedBias(nn.Module):
         self.gamma = gamma
         self.beta = beta
 
+    def normalize(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``beta - gamma mu / sigma``."""
+        shifted = -mu / sigma if self.gamma is None else -self.gamma.to(mu.dtype) * mu / sigma
+        return shifted if self.beta is None else shifted + self.beta.to(mu.dtype)
+
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         mu, sigma = self.state.statistics(bias)
-        shifted = -mu / sigma if self.gamma is None else -self.gamma * mu / sigma
-        return shifted if self.beta is None else shifted + self.beta
+        return self.normalize(mu, sigma)
 
 
 class NormPropLayer(nn.Module):

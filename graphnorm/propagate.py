@@ -194,8 +194,13 @@ class MomentPropagator:
     def run(self, stats: InputStats) -> MomentTable:
         """One propagation pass from ``stats`` through the current parameters."""
         stats.validate_for(self.input_shape)
+        return self.run_moments(stats.mean.to(self.dtype), stats.var.to(self.dtype))
+
+    def run_moments(self, mean: torch.Tensor, var: torch.Tensor) -> MomentTable:
+        """One pass from per-channel input ``mean``/``var`` tensors (not validated; this is the form recorded
+        into a statistics program, :mod:`graphnorm.program`)."""
         interpreter = _MomentInterpreter(self)
-        inputs = Moments.per_channel(stats.mean.to(self.dtype), stats.var.to(self.dtype), self.input_shape[1:])
+        inputs = Moments.per_channel(mean, var, self.input_shape[1:])
         if self.spatial and len(self.input_shape) > 2:
             inputs = Moments.per_unit(inputs.unit_mean, inputs.unit_var)
         interpreter.run(inputs, *self.extra_inputs)

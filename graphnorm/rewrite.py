@@ -55,6 +55,7 @@ from .normalizers import (
     ReparamState,
 )
 from .ops import spelling_of
+from .pickling import make_picklable
 from .propagate import MomentPropagator, MomentTable
 from .rules.normalizers import REPARAM, raw_layer_output
 from .sampling import DEFAULT_SAMPLES, SampledNode
@@ -333,6 +334,7 @@ class _Rewriter:
                                                   device=layer.weight.device), requires_grad=False)
         parametrize.register_parametrization(layer, "weight", NormalizedWeight(state, site.weight))
         parametrize.register_parametrization(layer, "bias", NormalizedBias(state, site.weight, site.bias))
+        make_picklable(layer)
         layer.graphnorm_op = REPARAM
         producer.meta[OP_KEY] = REPARAM
         site.node.replace_all_uses_with(producer)
@@ -477,6 +479,7 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
         rewriter.reparam_sites)
     if rewriter.pending:
         _fit_calibrations(converted, rewriter.pending)
+    converted.record_statistics_program()
     converted.train(model.training)
     if agreement_samples or data is not None:
         log.agreement = compare_outputs(model, converted, input_shape=input_shape, stats=stats, data=data,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import GraphnormError, RuleError
@@ -90,10 +91,11 @@ class CommonRandomNumbers:
         if found is None:
             half = self.config.samples // 2
             seed = self.config.seed * 1_000_003 + zlib.crc32(f"{node}/{index}".encode())
-            generator = torch.Generator().manual_seed(seed)
-            base = torch.randn((half, *shape), generator=generator, dtype=torch.float64)
-            base = base / base.square().mean(0, keepdim=True).sqrt().clamp_min(1e-12)
-            found = torch.cat([base, -base]).to(dtype=like.dtype, device=like.device)
+            with disable_proxy_modes_tracing():  # constants of a recorded statistics program, not random ops
+                generator = torch.Generator().manual_seed(seed)
+                base = torch.randn((half, *shape), generator=generator, dtype=torch.float64)
+                base = base / base.square().mean(0, keepdim=True).sqrt().clamp_min(1e-12)
+                found = torch.cat([base, -base]).to(dtype=like.dtype, device=like.device)
             self._draws[key] = found
         return found
 

@@ -245,17 +245,21 @@ def test_stochastic_normalization_is_random_in_training_only() -> None:
 
 def test_eval_statistics_are_cached_until_parameters_change() -> None:
     converted = convert(conv_chain(), "analytic").eval()
+    program = converted.statistics_program
     x = STATS3.sample((2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
     converted(x)
-    stats_before = converted.get_submodule("4").statistics
+    stats_before = program._cached
     converted(x)
-    assert converted.get_submodule("4").statistics is stats_before  # cached
+    assert program._cached is stats_before  # cached
     with torch.no_grad():
         converted.get_parameter("3.weight").mul_(2.0)
     converted(x)
-    after = converted.get_submodule("4").statistics
+    after = program._cached
     assert after is not stats_before
-    torch.testing.assert_close(after[1], stats_before[1] * 4.0, rtol=1e-4, atol=1e-6)
+    # the second normalizer's input variance scales with the square of conv 3's weight
+    torch.testing.assert_close(after[3], stats_before[3] * 4.0, rtol=1e-4, atol=1e-6)
+    converted.refresh_statistics()
+    torch.testing.assert_close(converted.get_submodule("4").statistics[1], after[3])
 
 
 def test_conversion_log_reports_what_happened() -> None:

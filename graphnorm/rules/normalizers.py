@@ -21,6 +21,7 @@ from ..normalizers import (
     stochastic_variance_factor,
 )
 from ..ops import register_instance_op, register_op
+from ..program import folded_layer
 from . import moment_rule
 from .affine import batch_norm, conv, linear
 
@@ -105,7 +106,7 @@ def reparameterized_layer(x: Moments, *, layer: nn.Module, out_shape: tuple[int,
                       eps=weight_parametrization.state.eps)
 
 
-register_op(AnalyticNorm, "analytic_norm", lambda m, x: ((x,), {"module": m, "training": m.training}))
+register_op(AnalyticNorm, "analytic_norm", lambda m, x, *_: ((x,), {"module": m, "training": m.training}))
 register_op(BatchNoise, "batch_noise", lambda m, x: ((x,), {"module": m, "training": m.training}))
 register_op(ChannelAffine, "channel_affine", lambda m, x: ((x,), {"scale": m.scale, "shift": m.shift}))
 register_op(NormPropLayer, "normprop_layer", lambda m, x: ((x,), {"module": m}))
@@ -113,6 +114,7 @@ register_op(FixedBatchNorm, "batch_norm", lambda m, x: ((x,), {
     "running_mean": m.running_mean, "running_var": m.running_var, "weight": m.weight, "bias": m.bias,
     "training": False, "eps": m.eps}))
 register_instance_op(REPARAM, lambda m, x: ((x,), {"layer": m}))
+register_op(folded_layer, REPARAM, lambda layer, x, *_: ((x,), {"layer": layer}))  # the form a converted graph calls
 
 
 def is_reparameterized(module: nn.Module) -> bool:

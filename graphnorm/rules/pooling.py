@@ -21,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ..errors import RuleError
 from ..moments import Moments, MonotoneSource
@@ -61,17 +62,19 @@ def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, cei
         return _max_of_iid(x.loc, x.spread, window, source, tuple(out_shape))
     kernel, step, pad, dil = _window_geometry(dims, kernel_size, stride, padding, dilation)
     means, variances, valid = _unfold_windows(x, kernel, step, pad, dil, out_shape)
-    count = valid.sum(1)  # [C, L]: values in each window (padding excluded)
-    weight = valid.to(means.dtype)
+    with disable_proxy_modes_tracing():  # shape-derived: constants, read into Python without recording
+        count = valid.sum(1)  # [C, L]: values in each window (padding excluded)
+        weight = valid.to(means.dtype)
+        selections = [(int(n), (count == n).reshape(-1).nonzero().squeeze(1)) for n in torch.unique(count).tolist()]
     mean = (means * weight).sum(1) / count
     var = ((variances + means * means) * weight).sum(1) / count - mean * mean
-    out_mean, out_var = torch.zeros_like(mean), torch.zeros_like(mean)
-    for n in torch.unique(count).tolist():
-        selected = count == n
-        result = _max_of_iid(mean[selected], var[selected].clamp_min(0), int(n), source, (int(selected.sum()),),
-                             per_unit=True)
-        out_mean = out_mean.masked_scatter(selected, result.loc)
-        out_var = out_var.masked_scatter(selected, result.spread)
+    flat_mean, flat_var = mean.reshape(-1), var.reshape(-1)
+    out_mean, out_var = torch.zeros_like(flat_mean), torch.zeros_like(flat_var)
+    for n, index in selections:
+        result = _max_of_iid(flat_mean.index_select(0, index), flat_var.index_select(0, index).clamp_min(0), n,
+                             source, (int(index.numel()),), per_unit=True)
+        out_mean = out_mean.index_copy(0, index, result.loc)
+        out_var = out_var.index_copy(0, index, result.spread)
     return Moments.per_unit(out_mean.reshape(out_shape), out_var.reshape(out_shape))
 
 
@@ -110,13 +113,14 @@ def _unfold_windows(x: Moments, kernel, step, pad, dil, out_shape):
     extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - (size + 2 * p))
              for o, s, k, d, size, p in zip(out_spatial, step, kernel, dil, (height, width), pad, strict=True)]
     padding = (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0])
-    ones = torch.ones_like(mean[:, :1])
 
     def windows(t: torch.Tensor) -> torch.Tensor:
         unfolded = F.unfold(F.pad(t, padding), kernel, dilation=dil, stride=step)
         return unfolded.reshape(t.shape[1], math.prod(kernel), -1)
 
-    valid = windows(F.pad(ones, (0, 0, 0, 0))) > 0.5
+    # The mask depends on shapes only: computed outside any recording (graphnorm.program), it is a constant.
+    with disable_proxy_modes_tracing():
+        valid = windows(torch.ones((1, 1, height, width), dtype=mean.dtype, device=mean.device)) > 0.5
     means, variances = windows(mean), windows(var)
     if means.shape[-1] != math.prod(out_spatial):
         raise RuleError(f"max_pool windows give {means.shape[-1]} outputs, expected {out_spatial}")

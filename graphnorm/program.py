@@ -1,0 +1,196 @@
+"""The statistics pass as code: moment propagation recorded once into straight-line torch programs.
+
+A converted model needs, before every training step, the analytic moments of every normalizer's input as
+functions of the current weights. Rather than interpreting its graph on :class:`~graphnorm.Moments` at every
+call, conversion runs the propagation once under ``torch.fx.experimental.proxy_tensor.make_fx`` with the
+model's parameters and buffers as inputs: the rules' torch operations become an fx graph of ATen ops (the
+way JAX turns a transformation into a new program), one for training and one for eval (noise changes the
+moments). :class:`StatisticsProgram` holds both and becomes a submodule of the converted model, whose own
+graph then reads
+
+    statistics = graphnorm_statistics(input_mean, input_var, <the parameters it needs>)
+    ... the network, each normalizer called with its (mean, var) ...
+
+so its forward is "statistics from the parameters, then the network": no interpreter, op-table look-up or
+Python cache key in training; torch.compile sees one graph; a pickled model carries its statistics code.
+
+The recorded programs are device- and dtype-generic: factory ops take the device of the input statistics
+(which move with ``.to(device)``), the parameters are cast at entry to the recording dtype (float32, or
+float64 for a float64 model), so statistics are computed in float32 or better whatever the parameters' or
+autocast's dtype, and constants (sampled-fallback draws, quadrature tables) are buffers.
+
+In eval the results are cached (eager only) and recomputed when a parameter or buffer changed (version
+counters, storage) or after :meth:`StatisticsProgram.invalidate`; under ``torch.compile`` the eval program
+simply runs (no data pointers of fake tensors are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = ["StatisticsProgram", "folded_layer", "record_statistics"]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in for parameters of ``dtype``: float32 or better."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Statistics are computed in their own dtype, not autocast's (CPU and CUDA autocast disabled)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], list[torch.Tensor]],
+                      input_mean: torch.Tensor, input_var: torch.Tensor, tensors: dict[str, torch.Tensor]
+                      ) -> fx.GraphModule:
+    """Record ``run(input_mean, input_var, {name: tensor})`` (the moment pass) as an fx graph of ATen ops
+    with inputs ``(input_mean, input_var, *tensors.values())``, made device- and dtype-generic (module
+    docstring). The pass must not read tensor values into Python (shape-derived values are fine)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    names = list(tensors)
+    dtype = input_mean.dtype
+
+    def program(mean: torch.Tensor, var: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+        return run(mean, var, dict(zip(names, values, strict=True)))
+
+    # One fake mode for the whole recording: without it, make_fx creates one per op to describe its output.
+    context = torch._guards.TracingContext(torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True))
+    with torch._guards.tracing(context):
+        recorded = make_fx(program, tracing_mode="real")(input_mean, input_var, *tensors.values())
+    _make_generic(recorded, dtype)
+    return recorded
+
+
+def _make_generic(program: fx.GraphModule, dtype: torch.dtype) -> None:
+    graph = program.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        device = graph.call_function(getattr, (placeholders[0], "device"))
+    last = device
+    for placeholder in placeholders:  # cast at entry: parameters of any floating dtype
+        value = placeholder.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype in _FLOATING:
+            with graph.inserting_after(last):
+                cast = graph.call_method("to", (placeholder,), {"dtype": dtype})
+            placeholder.replace_all_uses_with(cast, delete_user_cb=lambda user, keep=(cast, device): user not in keep)
+            last = cast
+    for node in graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+            raise RuntimeError(f"the recorded statistics pass draws random numbers ({node.target}): a rule must "
+                               "create its random constants outside the recording (disable_proxy_modes_tracing)")
+        if node.op == "call_function" and isinstance(node.kwargs.get("device"), torch.device):
+            node.kwargs = {**node.kwargs, "device": device}
+        if node.op == "get_attr":  # a lifted constant: a buffer (moves with the model), not in the state_dict
+            name = str(node.target)
+            value = getattr(program, name)
+            if isinstance(value, torch.Tensor):
+                delattr(program, name)
+                program.register_buffer(name, value.detach().clone(), persistent=False)
+    graph.eliminate_dead_code()
+    graph.lint()
+    program.recompile()
+    # Pickling re-traces the generated code with the recorded tracer class: make_fx's needs its tracing state.
+    graph._tracer_cls = program._tracer_cls = None
+
+
+class StatisticsProgram(nn.Module):
+    """The recorded statistics pass of a converted model (see the module docstring).
+
+    ``forward(*tensors)`` takes the parameters and buffers named by :attr:`names` (the converted graph passes
+    them) and returns a flat list of statistics, two per site. ``input_mean``/``input_var`` are buffers: the
+    input statistics the propagation starts from."""
+
+    def __init__(self, train_program: fx.GraphModule, eval_program: fx.GraphModule, input_mean: torch.Tensor,
+                 input_var: torch.Tensor, names: Sequence[str]):
+        super().__init__()
+        self.train_program = train_program
+        self.eval_program = eval_program
+        # Not in the state_dict: a checkpoint holds the model's weights; input statistics are given at conversion.
+        self.register_buffer("input_mean", input_mean.detach().clone(), persistent=False)
+        self.register_buffer("input_var", input_var.detach().clone(), persistent=False)
+        self.names = list(names)
+        self._dtypes = {name: buffer.dtype for name, buffer in self.named_buffers()}
+        self._cache_key: tuple | None = None
+        self._cached: list[torch.Tensor] | None = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> StatisticsProgram:
+        """``.to(device)`` moves the program's buffers; ``.half()`` and friends do not lower their precision."""
+        super()._apply(fn, recurse)
+        for name, buffer in list(self.named_buffers()):
+            if buffer.dtype != self._dtypes[name]:
+                owner_name, _, attribute = name.rpartition(".")
+                owner = self.get_submodule(owner_name)
+                owner._buffers[attribute] = buffer.to(self._dtypes[name])
+        self.invalidate()
+        return self
+
+    def invalidate(self) -> None:
+        """Forget the cached eval statistics."""
+        self._cache_key, self._cached = None, None
+
+    def run(self, program: fx.GraphModule, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with _autocast_off(self.input_mean.device):
+            return program(self.input_mean, self.input_var, *tensors)
+
+    def forward(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        if self.training:
+            return self.run(self.train_program, tensors)
+        if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):
+            with torch.no_grad():
+                return self.run(self.eval_program, tensors)
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                    for t in (self.input_mean, self.input_var, *tensors))
+        if self._cached is None or key != self._cache_key:
+            with torch.no_grad():
+                self._cached = self.run(self.eval_program, tensors)
+            self._cache_key = key
+        return self._cached
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles do not carry the eval cache (it is recomputed on first use)."""
+        state = dict(super().__getstate__())
+        state["_cache_key"], state["_cached"] = None, None
+        return state
+
+    def extra_repr(self) -> str:
+        ops = sum(node.op == "call_function" for node in self.train_program.graph.nodes)
+        return f"{len(self.names)} inputs, {ops} ops in training"
+
+
+def op_count(program: fx.GraphModule) -> int:
+    """Number of ops a recorded program runs (each a kernel launch on a GPU)."""
+    return sum(node.op in ("call_function", "call_method") and node.target is not operator.getitem
+               and node.target is not getattr for node in program.graph.nodes)
+
+
+def folded_layer(layer: nn.Module, x: torch.Tensor, raw_mean: torch.Tensor, raw_var: torch.Tensor
+                 ) -> torch.Tensor:
+    """A Linear/Conv with a BatchNorm folded into its weight (reparam mode), given the channel moments
+    ``(raw_mean, raw_var)`` of its output without bias: ``W_eff = gamma W/sigma``, ``b_eff = beta -
+    gamma mu/sigma`` with ``(mu, sigma) = calibration(raw_mean, sqrt(raw_var + eps))``
+    (:class:`~graphnorm.normalizers.NormalizedWeight`). The layer's parametrizations compute the same from
+    the statistics of the last refresh; this is the form the converted graph calls."""
+    weight_parametrization = layer.parametrizations.weight[0]
+    bias_parametrization = layer.parametrizations.bias[0]
+    weight = layer.parametrizations.weight.original
+    mu, sigma = weight_parametrization.state.normalizing(raw_mean, raw_var)
+    mu, sigma = mu.to(weight.dtype), sigma.to(weight.dtype)
+    effective_weight = weight_parametrization.normalize(weight, sigma)
+    effective_bias = bias_parametrization.normalize(mu, sigma)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, effective_weight, effective_bias)
+    return layer._conv_forward(x, effective_weight, effective_bias)
