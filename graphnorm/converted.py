@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from .graphs import parameter_dtype
-from .program import StatisticsProgram, compute_dtype, folded_layer, record_statistics
+from .program import StatisticsProgram, compute_dtype, folded_layer, record_statistics, training_flag_reads
 from .propagate import MomentPropagator
 from .rules.normalizers import raw_layer_output
 from .sampling import SampledFallback
@@ -185,12 +185,16 @@ class ConvertedModule(fx.GraphModule):
         was_training = self.training
         programs = {}
         try:
-            for training in (True, False):
+            self.train(True)
+            with torch.no_grad(), training_flag_reads() as reads:
+                state.interpret(self, input_mean, input_var)
+            for training in (True, False) if reads else (True,):
                 self.train(training)
                 programs[training] = record_statistics(run, input_mean, input_var, unique)
         finally:
             self.train(was_training)
         names = _used_inputs(programs, list(unique))
+        programs.setdefault(False, programs[True])  # no module's mode is read: one program for both
         program = StatisticsProgram(programs[True], programs[False], input_mean, input_var, names)
         self.add_submodule(PROGRAM, program)
         _call_program(self, state, names)
@@ -239,7 +243,7 @@ def _used_inputs(programs: dict[bool, fx.GraphModule], names: list[str]) -> list
             if not keep:
                 program.graph.erase_node(node)
         program.graph.lint()
-        program.recompile()
+        program.recompile()  # the only code generation of a recorded program
     return [name for name, keep in zip(names, used, strict=True) if keep]
 
 

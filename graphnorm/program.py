@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -101,15 +102,41 @@ def _make_generic(program: fx.GraphModule, dtype: torch.dtype) -> None:
                 delattr(program, name)
                 program.register_buffer(name, value.detach().clone(), persistent=False)
     graph.eliminate_dead_code()
-    graph.lint()
-    program.recompile()
     # Pickling re-traces the generated code with the recorded tracer class: make_fx's needs its tracing state.
     graph._tracer_cls = program._tracer_cls = None
+
+
+@contextlib.contextmanager
+def training_flag_reads() -> Iterator[set[int]]:
+    """Collect the ids of the modules whose ``training`` flag is read inside the block.
+
+    The moment pass of a model differs between training and eval only through rules whose canonical call reads
+    a module's flag (dropout, noise, BatchNorm); when none is read, one recorded program serves both modes.
+    Implemented with a data descriptor set on ``nn.Module`` for the duration of the block (modules keep their
+    flag in their ``__dict__``, which the descriptor reads and writes)."""
+    reads: set[int] = set()
+
+    class _Spy:
+        def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+            if module is None:
+                return self
+            reads.add(id(module))
+            return module.__dict__["training"]
+
+        def __set__(self, module: nn.Module, value: bool) -> None:
+            module.__dict__["training"] = value
+
+    nn.Module.training = _Spy()  # type: ignore[assignment]
+    try:
+        yield reads
+    finally:
+        del nn.Module.training
 
 
 class StatisticsProgram(nn.Module):
     """The recorded statistics pass of a converted model (see the module docstring).
 
+    ``eval_program`` is ``train_program`` itself when the pass does not depend on the mode.
     ``forward(*tensors)`` takes the parameters and buffers named by :attr:`names` (the converted graph passes
     them) and returns a flat list of statistics, two per site. ``input_mean``/``input_var`` are buffers: the
     input statistics the propagation starts from."""
@@ -167,8 +194,8 @@ class StatisticsProgram(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        ops = sum(node.op == "call_function" for node in self.train_program.graph.nodes)
-        return f"{len(self.names)} inputs, {ops} ops in training"
+        shared = ", shared by eval" if self.eval_program is self.train_program else ""
+        return f"{len(self.names)} inputs, {op_count(self.train_program)} ops in training{shared}"
 
 
 def op_count(program: fx.GraphModule) -> int:

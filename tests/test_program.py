@@ -102,3 +102,18 @@ def test_new_input_statistics_reach_the_program() -> None:
 def _inputs(converted: graphnorm.ConvertedModule) -> list[torch.Tensor]:
     named = dict(converted.named_parameters()) | dict(converted.named_buffers())
     return [named[name] for name in converted.statistics_program.names]
+
+
+def test_one_program_serves_both_modes_unless_a_mode_flag_is_read() -> None:
+    plain = graphnorm.convert(DigitsCNN(), STATS1, input_shape=(1, 1, 8, 8), agreement_samples=0)
+    assert plain.statistics_program.eval_program is plain.statistics_program.train_program
+    noisy = graphnorm.convert(DigitsCNN(), STATS1, input_shape=(1, 1, 8, 8), agreement_samples=0, stochastic_batch=8)
+    with_dropout = graphnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.BatchNorm2d(4)), STATS3,
+                                     input_shape=(1, 3, 6, 6), agreement_samples=0)
+    for converted in (noisy, with_dropout):
+        program = converted.statistics_program
+        assert program.eval_program is not program.train_program
+        converted.train()
+        train_var = _programmed(converted)[-1]
+        converted.eval()
+        assert not torch.allclose(_programmed(converted)[-1], train_var)  # the modes' moments differ

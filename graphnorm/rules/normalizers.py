@@ -106,7 +106,10 @@ def reparameterized_layer(x: Moments, *, layer: nn.Module, out_shape: tuple[int,
                       eps=weight_parametrization.state.eps)
 
 
-register_op(AnalyticNorm, "analytic_norm", lambda m, x, *_: ((x,), {"module": m, "training": m.training}))
+# Without noise the normalizer's moments do not depend on the mode: its flag is not read (graphnorm.program
+# then records one statistics program for training and eval).
+register_op(AnalyticNorm, "analytic_norm",
+            lambda m, x, *_: ((x,), {"module": m, "training": m.stochastic_batch is not None and m.training}))
 register_op(BatchNoise, "batch_noise", lambda m, x: ((x,), {"module": m, "training": m.training}))
 register_op(ChannelAffine, "channel_affine", lambda m, x: ((x,), {"scale": m.scale, "shift": m.shift}))
 register_op(NormPropLayer, "normprop_layer", lambda m, x: ((x,), {"module": m}))
