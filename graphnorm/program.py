@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
 from torch._subclasses.fake_tensor import is_fake
 
 __all__ = ["StatisticsProgram", "folded_layer", "record_statistics"]
@@ -58,8 +59,8 @@ def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch
                       input_mean: torch.Tensor, input_var: torch.Tensor, tensors: dict[str, torch.Tensor]
                       ) -> fx.GraphModule:
     """Record ``run(input_mean, input_var, {name: tensor})`` (the moment pass) as an fx graph of ATen ops
-    with inputs ``(input_mean, input_var, *tensors.values())``, made device- and dtype-generic (module
-    docstring). The pass must not read tensor values into Python (shape-derived values are fine)."""
+    with inputs ``(input_mean, input_var, *tensors.values())``, common subexpressions eliminated, made device-
+    and dtype-generic (module docstring). The pass must not read tensor values into Python (shape-derived values are fine)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     names = list(tensors)
@@ -73,6 +74,10 @@ def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch
     with torch._guards.tracing(context):
         recorded = make_fx(program, tracing_mode="real")(input_mean, input_var, *tensors.values())
     _make_generic(recorded, dtype)
+    # Common subexpressions: a folded layer's raw moments are computed for its statistics and again by the
+    # rule that propagates past it; the recording repeats them, elimination keeps one.
+    recorded = CSEPass()(recorded).graph_module
+    _constants_as_buffers(recorded)
     return recorded
 
 
@@ -95,15 +100,19 @@ def _make_generic(program: fx.GraphModule, dtype: torch.dtype) -> None:
                                "create its random constants outside the recording (disable_proxy_modes_tracing)")
         if node.op == "call_function" and isinstance(node.kwargs.get("device"), torch.device):
             node.kwargs = {**node.kwargs, "device": device}
+    graph.eliminate_dead_code()
+
+
+def _constants_as_buffers(program: fx.GraphModule) -> None:
+    for node in program.graph.nodes:
         if node.op == "get_attr":  # a lifted constant: a buffer (moves with the model), not in the state_dict
             name = str(node.target)
             value = getattr(program, name)
             if isinstance(value, torch.Tensor):
                 delattr(program, name)
                 program.register_buffer(name, value.detach().clone(), persistent=False)
-    graph.eliminate_dead_code()
     # Pickling re-traces the generated code with the recorded tracer class: make_fx's needs its tracing state.
-    graph._tracer_cls = program._tracer_cls = None
+    program.graph._tracer_cls = program._tracer_cls = None
 
 
 @contextlib.contextmanager
