@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.passes.dialect.common.cse_pass import CSEPass
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 __all__ = ["StatisticsProgram", "folded_layer", "record_statistics"]
 
