@@ -59,8 +59,9 @@ def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch
                       input_mean: torch.Tensor, input_var: torch.Tensor, tensors: dict[str, torch.Tensor]
                       ) -> fx.GraphModule:
     """Record ``run(input_mean, input_var, {name: tensor})`` (the moment pass) as an fx graph of ATen ops
-    with inputs ``(input_mean, input_var, *tensors.values())``, common subexpressions eliminated, made device-
-    and dtype-generic (module docstring). The pass must not read tensor values into Python (shape-derived values are fine)."""
+    with inputs ``(input_mean, input_var, *tensors.values())``, common subexpressions eliminated, made
+    device- and dtype-generic (module docstring). The pass must not read tensor values into Python
+    (shape-derived values are fine: compute them under ``disable_proxy_modes_tracing``)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     names = list(tensors)
