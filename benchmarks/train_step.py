@@ -77,8 +77,7 @@ def statistics_op_counts(converted: graphnorm.ConvertedModule) -> dict[str, int]
     program = converted.statistics_program
     if program is None:
         return {"forward_ops": 0, "backward_nodes": 0}
-    named = dict(converted.named_parameters()) | dict(converted.named_buffers())
-    outputs = program.train()(*(named[name] for name in program.names))
+    outputs = program.train()(*converted.statistics_inputs())
     seen, stack = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
     while stack:
         node = stack.pop()
@@ -95,8 +94,7 @@ def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats
     whole step's forward + backward and BatchNorm's (medians, ms)."""
     converted = graphnorm.convert(base, stats, input_shape=(1, 3, size, size), mode="analytic").train()
     program = converted.statistics_program
-    named = dict(converted.named_parameters()) | dict(converted.named_buffers())
-    inputs = [named[name] for name in program.names]
+    inputs = converted.statistics_inputs()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     reference = copy.deepcopy(base).train()
     medians = interleaved_medians({

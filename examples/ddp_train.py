@@ -17,26 +17,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.nn.parallel import DistributedDataParallel
 
 import graphnorm
-
-
-class DigitsCNN(nn.Module):
-    """A small CNN for 8x8 digits, written with BatchNorm as users write it."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Linear(32 * 2 * 2, 10)
-
-    def forward(self, x):
-        return self.head(torch.flatten(self.features(x), 1))
+from graphnorm.zoo import DigitsCNN  # conv-BN-ReLU-maxpool x 2 and a Linear, as users write it
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,6 +134,14 @@ class ConvertedModule(fx.GraphModule):
         program = getattr(self, PROGRAM, None)
         return program if isinstance(program, StatisticsProgram) else None
 
+    def statistics_inputs(self) -> list[torch.Tensor]:
+        """The parameters and buffers the statistics program takes, in its order (what the graph passes it)."""
+        program = self.statistics_program
+        if program is None:
+            return []
+        named = dict(self.named_parameters()) | dict(self.named_buffers())
+        return [named[name] for name in program.names]
+
     def _statistics_state(self) -> StatisticsState:
         state = self.__dict__.get("_graphnorm_state")
         if state is None:
@@ -156,7 +164,7 @@ class ConvertedModule(fx.GraphModule):
         else:
             if force:
                 program.invalidate()
-            outputs = program(*(_attribute(self, name) for name in program.names))
+            outputs = program(*self.statistics_inputs())
         state.distribute(self, list(outputs))
 
     def record_statistics_program(self) -> None:
@@ -167,14 +175,7 @@ class ConvertedModule(fx.GraphModule):
             return
         dtype = compute_dtype(parameter_dtype(self))
         input_mean, input_var = state.input_tensors(dtype)
-        tensors = {name: tensor for name, tensor in
-                   [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]}
-        unique: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, tensor in tensors.items():
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                unique[name] = tensor
+        unique = dict(self.named_parameters()) | dict(self.named_buffers())  # a shared tensor under one name
 
         def run(mean: torch.Tensor, var: torch.Tensor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
             mapping = {name: values[name] for name in unique}
@@ -224,13 +225,6 @@ def _restore_converted(body: dict[str, Any], import_block: str) -> ConvertedModu
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
     return _deserialize_graph_module(forward, body, graph_module_cls=ConvertedModule)
-
-
-def _attribute(model: torch.nn.Module, name: str) -> torch.Tensor:
-    target: Any = model
-    for part in name.split("."):
-        target = getattr(target, part)
-    return target
 
 
 def _used_inputs(programs: dict[bool, fx.GraphModule], names: list[str]) -> list[str]:

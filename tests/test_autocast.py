@@ -70,9 +70,8 @@ def test_autocast_trains_close_to_float32(mode: str, kwargs: dict, device: str, 
 def test_statistics_stay_float32_under_autocast() -> None:
     model = graphnorm.convert(DigitsCNN(), STATS, input_shape=(1, 1, 8, 8), agreement_samples=0).train()
     program = model.statistics_program
-    named = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        statistics = program(*(named[name] for name in program.names))
+        statistics = program(*model.statistics_inputs())
         output = model(torch.randn(2, 1, 8, 8))
     assert all(t.dtype == torch.float32 for t in statistics)
     assert output.dtype == torch.bfloat16  # the network (and the normalization) in the activation dtype

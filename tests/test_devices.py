@@ -54,8 +54,7 @@ def test_float64_model_matches_float32_and_half_models_keep_float32_statistics(m
     program = bf16.statistics_program
     if program is not None:  # statistics in float32 whatever the parameters' dtype
         assert program.input_mean.dtype == torch.float32
-        named = dict(bf16.named_parameters()) | dict(bf16.named_buffers())
-        statistics = program(*(named[name] for name in program.names))
+        statistics = program(*bf16.statistics_inputs())
         assert all(t.dtype == torch.float32 for t in statistics)
     torch.testing.assert_close(bf16.eval()(X.to(torch.bfloat16)).float(), want, rtol=0.1, atol=0.1)
 

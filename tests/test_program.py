@@ -26,7 +26,7 @@ def _interpreted(converted: graphnorm.ConvertedModule) -> list[torch.Tensor]:
 
 
 def _programmed(converted: graphnorm.ConvertedModule) -> list[torch.Tensor]:
-    return converted.statistics_program(*_inputs(converted))
+    return converted.statistics_program(*converted.statistics_inputs())
 
 
 def _perturb(model: nn.Module, seed: int) -> None:
@@ -92,16 +92,11 @@ def test_models_without_analytic_sites_have_no_program() -> None:
 
 def test_new_input_statistics_reach_the_program() -> None:
     converted = graphnorm.convert(conv_chain(), STATS3, input_shape=(1, 3, 8, 8), agreement_samples=0).eval()
-    before = [t.clone() for t in converted.statistics_program(*_inputs(converted))]
+    before = [t.clone() for t in converted.statistics_program(*converted.statistics_inputs())]
     converted.input_stats = graphnorm.InputStats(torch.tensor([1.0, 0.0, -1.0]), torch.tensor([2.0, 1.0, 0.5]))
-    after = converted.statistics_program(*_inputs(converted))
+    after = converted.statistics_program(*converted.statistics_inputs())
     torch.testing.assert_close(after[0], _interpreted(converted)[0])
     assert not torch.allclose(before[1], after[1])
-
-
-def _inputs(converted: graphnorm.ConvertedModule) -> list[torch.Tensor]:
-    named = dict(converted.named_parameters()) | dict(converted.named_buffers())
-    return [named[name] for name in converted.statistics_program.names]
 
 
 def test_one_program_serves_both_modes_unless_a_mode_flag_is_read() -> None:
