@@ -42,23 +42,59 @@ MomentsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 PartialMoments = Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]]
 
 
-def _compose_affine(coefficients: Polynomial, shift: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
-    """Coefficients in z of ``p(shift + scale z)`` (binomial expansion), as tensors."""
-    result = [torch.zeros_like(shift) for _ in coefficients]
+# Polynomials in z with tensor coefficients keep a zero coefficient as None and skip powers 0 and 1, so that the
+# recorded statistics program (graphnorm.program) holds no op that adds a zero or multiplies by one.
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _power(x: torch.Tensor, exponent: int) -> torch.Tensor | None:
+    """``x ** exponent``; None for exponent 0 (the constant 1)."""
+    return None if exponent == 0 else x if exponent == 1 else x**exponent
+
+
+def _scaled(constant: float, *factors: torch.Tensor | None) -> torch.Tensor | float:
+    """``constant * prod(factors)`` (None factors are 1); a float when every factor is None."""
+    product: torch.Tensor | None = None
+    for factor in factors:
+        if factor is not None:
+            product = factor if product is None else product * factor
+    if product is None:
+        return constant
+    return product if constant == 1 else constant * product
+
+
+def _compose_affine(coefficients: Polynomial, shift: torch.Tensor, scale: torch.Tensor
+                    ) -> list[torch.Tensor | None]:
+    """Coefficients in z of ``p(shift + scale z)`` (binomial expansion): tensors, floats for constants, None
+    for zero."""
+    result: list[torch.Tensor | None] = [None for _ in coefficients]
     for i, c in enumerate(coefficients):
         if c == 0:
             continue
         for k in range(i + 1):
-            result[k] = result[k] + (c * math.comb(i, k)) * shift ** (i - k) * scale**k
+            term = _scaled(c * math.comb(i, k), _power(shift, i - k), _power(scale, k))
+            result[k] = _add(result[k], term)  # a float for a constant term
     return result
 
 
-def _multiply(p: list[torch.Tensor], q: list[torch.Tensor]) -> list[torch.Tensor]:
-    out = [torch.zeros_like(p[0]) for _ in range(len(p) + len(q) - 1)]
+def _multiply(p: list[torch.Tensor | None], q: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = [None for _ in range(len(p) + len(q) - 1)]
     for i, a in enumerate(p):
         for j, b in enumerate(q):
-            out[i + j] = out[i + j] + a * b
+            if a is not None and b is not None:
+                out[i + j] = _add(out[i + j], a * b)
     return out
+
+
+def _dot(coefficients: list[torch.Tensor | None], moments: list[torch.Tensor]) -> torch.Tensor | None:
+    total = None
+    for c, moment in zip(coefficients, moments, strict=False):
+        if c is not None:
+            total = _add(total, c * moment)
+    return total
 
 
 def centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequence[float],
@@ -71,18 +107,19 @@ def centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Seque
     ``pieces[j]`` holds on ``(breakpoints[j-1], breakpoints[j])``, the outer pieces unbounded."""
     assert len(pieces) == len(breakpoints) + 1
     edges = [None, *breakpoints, None]
-    first = torch.zeros_like(mean)
-    second = torch.zeros_like(mean)
+    first: torch.Tensor | None = None
+    second: torch.Tensor | None = None
     for j, coefficients in enumerate(pieces):
         lower, upper = edges[j], edges[j + 1]
         alpha = torch.full_like(mean, -Z_LIMIT) if lower is None else (lower - mean) / std
         beta = torch.full_like(mean, Z_LIMIT) if upper is None else (upper - mean) / std
         poly = _compose_affine(coefficients, mean, std)
-        poly[0] = poly[0] - reference
+        poly[0] = -reference if poly[0] is None else poly[0] - reference
         square = _multiply(poly, poly)
-        moments = partial_moments(alpha, beta, len(square) - 1)
-        first = first + sum(c * moments[k] for k, c in enumerate(poly))
-        second = second + sum(c * moments[k] for k, c in enumerate(square))
+        order = max(k for k, c in enumerate(square) if c is not None)
+        moments = partial_moments(alpha, beta, order)
+        first = _add(first, _dot(poly, moments))
+        second = _add(second, _dot(square, moments))
     return first, second
 
 
