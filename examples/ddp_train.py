@@ -50,7 +50,9 @@ def main() -> None:
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = graphnorm.convert(DigitsCNN(), stats, input_shape=(1, 1, 8, 8), mode=args.mode,
                               stochastic_batch=args.stochastic_batch, agreement_samples=0).to(device)
-    model = DistributedDataParallel(model)
+    # The converted model's buffers (calibrations, the statistics program's constants) never change while
+    # training, so DDP need not broadcast them at every forward: its gradient all-reduce is the only collective.
+    model = DistributedDataParallel(model, forward_sync_buffers=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(args.seed)  # every rank draws the same global batches
     global_batch = args.batch_per_rank * world

@@ -61,6 +61,7 @@ def test_converted_model_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_
 def test_the_batchnorm_original_does_not(tmp_path) -> None:
     result = _distributed("batchnorm", tmp_path)
     assert _worst_relative_gap(result["state"], _single_process("batchnorm")) > 1e-3  # batch statistics per rank
+    assert result["counts"].get("_broadcast_coalesced", 0) > 0  # its running statistics broadcast every forward
 
 
 def test_stochastic_normalization_is_reproducible_with_per_rank_seeds(tmp_path) -> None:
