@@ -10,6 +10,7 @@ a GPU.
     python benchmarks/train_step.py                   # B in 1 8 32, 20 steps each, 32x32
     python benchmarks/train_step.py --batches 32 --size 64 --compile
     python benchmarks/train_step.py --batches 32 --repeats 40 --profile --breakdown
+    python benchmarks/train_step.py --batches 32 --repeats 10 --breakdown --profile-statistics --compile
 """
 
 from __future__ import annotations
@@ -89,20 +90,39 @@ def statistics_op_counts(converted: graphnorm.ConvertedModule) -> dict[str, int]
     return {"forward_ops": op_count(program.train_program), "backward_nodes": backward}
 
 
-def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats: int) -> dict[str, float]:
-    """Split one analytic training step: the statistics program (forward, forward + backward) next to the
-    whole step's forward + backward and BatchNorm's (medians, ms)."""
+def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats: int, compiled: bool = False,
+              profile: bool = False) -> dict[str, float]:
+    """Split one analytic training step: the statistics program (forward, forward + backward; with ``compiled``
+    also the program alone under torch.compile) next to the whole step's forward + backward and BatchNorm's
+    (medians, ms). ``profile`` prints torch.profiler's op table of 5 program forward + backward passes."""
     converted = graphnorm.convert(base, stats, input_shape=(1, 3, size, size), mode="analytic").train()
     program = converted.statistics_program
     inputs = converted.statistics_inputs()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     reference = copy.deepcopy(base).train()
-    medians = interleaved_medians({
+
+    def program_step(run=program) -> None:
+        sum(t.sum() for t in run(*inputs)).backward()
+
+    candidates = {
         "statistics program forward": lambda: program(*inputs),
-        "statistics program forward + backward": lambda: sum(t.sum() for t in program(*inputs)).backward(),
+        "statistics program forward + backward": program_step,
         "analytic model forward + backward": lambda: nn.functional.cross_entropy(converted(x), y).backward(),
         "BatchNorm model forward + backward": lambda: nn.functional.cross_entropy(reference(x), y).backward(),
-    }, repeats)
+    }
+    if compiled:
+        alone = torch.compile(program.train_program)
+        candidates["statistics program forward + backward, compiled alone"] = lambda: program_step(
+            lambda *tensors: alone(program.input_mean, program.input_var, *tensors))
+    medians = interleaved_medians(candidates, repeats)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CPU]) as recorded:
+            for _ in range(5):
+                program_step()
+        print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
@@ -115,6 +135,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also split an analytic step at the largest batch into statistics pass and graph")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
+    parser.add_argument("--profile-statistics", action="store_true",
+                        help="with --breakdown: torch.profiler's op table of the statistics program")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(weights=None)
@@ -159,7 +181,8 @@ def main() -> None:
             profiler = cProfile.Profile()
             profiler.runcall(analytic)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    split = breakdown(base, stats, args.batches[-1], args.size, args.repeats) if args.breakdown else None
+    split = (breakdown(base, stats, args.batches[-1], args.size, args.repeats, args.compile, args.profile_statistics)
+             if args.breakdown else None)
     if split:
         print("| part of an analytic step | median |\n|---|---|")
         for name, ms in split.items():
