@@ -187,11 +187,11 @@ class ConvertedModule(fx.GraphModule):
         programs = {}
         try:
             self.train(True)
-            with torch.no_grad(), training_flag_reads() as reads:
-                state.interpret(self, input_mean, input_var)
-            for training in (True, False) if reads else (True,):
-                self.train(training)
-                programs[training] = record_statistics(run, input_mean, input_var, unique)
+            with training_flag_reads() as reads:  # the recording's own pass tells whether the mode matters
+                programs[True] = record_statistics(run, input_mean, input_var, unique)
+            if reads & {id(module) for module in self.modules()}:  # (recording machinery reads its own)
+                self.train(False)
+                programs[False] = record_statistics(run, input_mean, input_var, unique)
         finally:
             self.train(was_training)
         names = _used_inputs(programs, list(unique))
