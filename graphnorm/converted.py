@@ -178,8 +178,7 @@ class ConvertedModule(fx.GraphModule):
         unique = dict(self.named_parameters()) | dict(self.named_buffers())  # a shared tensor under one name
 
         def run(mean: torch.Tensor, var: torch.Tensor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            mapping = {name: values[name] for name in unique}
-            with torch.nn.utils.stateless._reparametrize_module(self, mapping, tie_weights=True):
+            with torch.nn.utils.stateless._reparametrize_module(self, values, tie_weights=True):
                 return state.interpret(self, mean, var)
 
         state.prepare(self)  # before recording: preparation runs the graph on fake tensors
