@@ -16,7 +16,8 @@ def plain(weight, mean, var, groups):
     return out_mean, out_var
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((6, 4, 3, 3), 1), ((6, 2, 3, 3), 2), ((4, 1, 5), 4), ((5, 7), 1)])
+@pytest.mark.parametrize(("shape", "groups"), [
+    ((6, 4, 3, 3), 1), ((6, 2, 3, 3), 2), ((4, 1, 5), 4), ((8, 1, 3, 3), 4), ((5, 7), 1), ((4, 3, 2, 2, 2), 1)])
 def test_kernel_moments_forward_and_backward(shape, groups) -> None:
     generator = torch.Generator().manual_seed(0)
     in_channels = shape[1] * groups
@@ -33,3 +34,19 @@ def test_kernel_moments_forward_and_backward(shape, groups) -> None:
     for a, b in zip(grads, expected, strict=True):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda w, m, v: kernel_moments(w, m, v, groups), (weight, mean, var))
+
+
+@pytest.mark.parametrize("used", [0, 1])
+def test_kernel_moments_gradient_of_one_output(used) -> None:
+    """Only the mean (or only the variance) reaches the loss: the other output's gradient is absent, not a
+    zero tensor, and the backward still matches autograd of the plain formula."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 3, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(3, generator=generator, dtype=torch.float64, requires_grad=True)
+    ours = kernel_moments(weight, mean, var)[used].square().sum()
+    reference = plain(weight, mean, var, 1)[used].square().sum()
+    grads = torch.autograd.grad(ours, (weight, mean, var), allow_unused=True)
+    expected = torch.autograd.grad(reference, (weight, mean, var), allow_unused=True)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
