@@ -7,7 +7,10 @@ file that cannot be loaded as given). Errors are one or two lines; ``--debug`` s
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from rich.table import Table
 from . import __version__
 from .calibration import CALIBRATIONS
 from .errors import GraphnormError, first_line
-from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, save_converted
+from .loading import LoadedModel, ModelLoadError, load_input_data, load_labels, load_model, memory_bytes, save_converted
 from .sampling import DEFAULT_SAMPLES, FALLBACKS
 from .stats import InputStats
 
@@ -34,7 +37,7 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint=name) from err
+        raise InputError(f"'{text}' is not a comma-separated list of numbers", param_hint=name) from err
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -43,16 +46,33 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError as err:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of sizes, e.g. 1,3,224,224",
-                                 param_hint="--input-shape") from err
+        raise InputError(f"'{text}' is not a comma-separated list of sizes, e.g. 1,3,224,224",
+                         param_hint="--input-shape") from err
     if len(shape) < 2 or any(size < 1 for size in shape):
-        raise click.BadParameter(f"'{text}' needs a batch and a channel size, all positive, e.g. 1,3,224,224",
-                                 param_hint="--input-shape")
+        raise InputError(f"'{text}' needs a batch and a channel size, all positive, e.g. 1,3,224,224",
+                         param_hint="--input-shape")
+    # The conversion holds a few batches of this shape and the activations they produce at once.
+    needed = math.prod(shape[1:]) * 4 * max(shape[0], 16) * 8
+    if needed > memory_bytes():
+        raise InputError(f"an input of shape {text} needs about {needed / 2**30:.0f} GiB to convert and check (16 "
+                         f"samples and their activations), more than this machine's {memory_bytes() / 2**30:.0f} "
+                         "GiB; give the shape of one realistic batch", param_hint="--input-shape")
     return shape
 
 
-def _usage(error: GraphnormError) -> click.UsageError:
-    return click.UsageError(first_line(error))
+class InputError(click.UsageError):
+    """A usage error about MODEL, OUTPUT or an input file: exit code 2, shown as one line ``error: ...`` (no
+    usage banner: the command line parsed, what it names is wrong)."""
+
+    def __init__(self, message: str, param_hint: str | None = None):
+        super().__init__(f"{param_hint}: {message}" if param_hint else message)
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file or sys.stderr, err=True)
+
+
+def _usage(error: GraphnormError | str) -> click.UsageError:
+    return InputError(error if isinstance(error, str) else first_line(error))
 
 
 class _Run:
@@ -76,11 +96,13 @@ def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float
                    data: str | None, run: _Run) -> InputStats:
     if data is not None:
         if mean is not None or std is not None:
-            raise click.UsageError("give either --input-data or --input-mean/--input-std, not both")
+            raise InputError("give either --input-data or --input-mean/--input-std, not both")
         try:
-            return InputStats.from_data(load_input_data(data))
+            stats = InputStats.from_data(load_input_data(data))
+            stats.validate_for(shape)
         except GraphnormError as err:
-            raise _usage(err) from err
+            raise _usage(f"--input-data {data}: {first_line(err)}") from err
+        return stats
     mean = mean if mean is not None else loaded.defaults.get("input_mean")
     std = std if std is not None else loaded.defaults.get("input_std")
     if mean is None and std is None:
@@ -155,7 +177,8 @@ def _agreement_warnings(log: Any, min_agreement: float, max_output_error: float)
     if not problems:
         return [], []
     if not log.trained_sites:
-        return [], ["the original's BatchNorms have untrained running statistics, so it is no reference: the "
+        return [], ["the original's BatchNorms have no trained running statistics (untrained, or "
+                    "track_running_stats=False), so it is no reference: the "
                     f"disagreement ({'; '.join(problems)}) is expected"]
     if log.calibration == "data":
         return [], ["the statistics measured on the data replace the running statistics, as --calibrate data asks: "
@@ -178,13 +201,20 @@ def _model_input_options(command: Callable) -> Callable:
                      help="Shape of one input batch, e.g. 1,3,224,224 (default: from a graphnorm checkpoint)."),
         click.option("--input-mean", help="Per-channel input mean, comma-separated."),
         click.option("--input-std", help="Per-channel input std, comma-separated."),
-        click.option("--input-data", type=click.Path(dir_okay=False),
+        click.option("--input-data", type=click.Path(),
                      help="Samples (.npy/.npz/.pt) to compute input statistics from (convert: also to check "
                           "agreement with the original, with the labels of an .npz's 'y' array)."),
-        click.option("--weights", type=click.Path(dir_okay=False),
+        click.option("--weights", type=click.Path(),
                      help="state_dict file for an import-spec MODEL (loaded weights-only)."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow MODEL to be a pickled module or a torch.export .pt2 file (both can run code)."),
+        click.option("--trust-code", is_flag=True,
+                     help="Allow a checkpoint MODEL to import and call the model spec it names, whatever its "
+                          "package (default: only model classes and registered factories of allow-listed "
+                          "packages; docs/cli.md)."),
+        click.option("--allow-package", "allowed_packages", multiple=True, metavar="PACKAGE",
+                     help="Add a package to the allow-list for model specs named by checkpoints (repeatable; "
+                          "torchvision, timm and graphnorm.zoo are always allowed)."),
         click.option("--leaf-module", "leaf_modules", multiple=True,
                      help="Module path to keep as one call when tracing (repeatable)."),
         click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
@@ -200,19 +230,18 @@ def _model_input_options(command: Callable) -> Callable:
     return command
 
 
-def _load_inputs(run: _Run, model_source: str, weights: str | None, trust_pickle: bool, input_shape: str | None,
+def _load_inputs(run: _Run, model_source: str, weights: str | None, trust: dict[str, Any], input_shape: str | None,
                  input_mean: str | None, input_std: str | None, input_data: str | None
                  ) -> tuple[LoadedModel, tuple[int, ...], InputStats]:
     mean, std = _floats(input_mean, "--input-mean"), _floats(input_std, "--input-std")
     shape = _shape(input_shape)
     try:
-        loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights,
-                                                                   trust_pickle=trust_pickle))
+        loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights, **trust))
     except ModelLoadError as err:
         raise _usage(err) from err
     if shape is None:
         if "input_shape" not in loaded.defaults:
-            raise click.UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
+            raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
         shape = tuple(int(s) for s in loaded.defaults["input_shape"])
     return loaded, shape, _resolve_stats(loaded, shape, mean, std, input_data, run)
 
@@ -230,6 +259,14 @@ def _fail(run: _Run, err: GraphnormError) -> None:
 @click.version_option(__version__, prog_name="graphnorm")
 def main() -> None:
     """graphnorm: batch-independent normalization by analytic moment propagation."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C (SIGINT): ``finally`` blocks remove temporary files, no partial output."""
+    click.echo(f"graphnorm: stopped by signal {signum}; nothing written", err=True)
+    raise SystemExit(128 + signum)
 
 
 @main.command("convert")
@@ -264,7 +301,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert_command(model_source: str, output: Path, mode: str, input_shape: str | None, input_mean: str | None,
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
-                    calibrate: str, min_agreement: float, max_output_error: float, agreement_samples: int,
+                    trust_code: bool, allowed_packages: tuple[str, ...], calibrate: str, min_agreement: float,
+                    max_output_error: float, agreement_samples: int,
                     strict: bool, stochastic_batch: int | None, normprop_c: float, spatial: bool,
                     fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
                     legacy_exporter: bool, verify: bool, rtol: float,
@@ -272,20 +310,22 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
 
     MODEL is an import spec (package.module:attr naming a module or a function returning one, e.g.
-    torchvision.models:resnet18), a graphnorm checkpoint .pt, or, with --trust-pickle, a pickled module or a
-    torch.export program (.pt2 from torch.export.save).
+    torchvision.models:resnet18), a graphnorm checkpoint .pt (the model spec it names is imported only with
+    consent: --trust-code, --allow-package, or an allow-listed package), or, with --trust-pickle, a pickled
+    module or a torch.export program (.pt2 from torch.export.save).
     """
     run = _Run(quiet, as_json, debug)
     if output.suffix not in (".onnx", ".pt"):
-        raise click.BadParameter("OUTPUT must end in .onnx or .pt", param_hint="OUTPUT")
+        raise InputError("OUTPUT must end in .onnx or .pt", param_hint="OUTPUT")
     if output.exists() and not force:
-        raise click.UsageError(f"{output} exists; pass --force to overwrite it")
-    loaded, shape, stats = _load_inputs(run, model_source, weights, trust_pickle, input_shape, input_mean, input_std,
+        raise InputError(f"{output} exists; pass --force to overwrite it")
+    trust = {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
+    loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
                                         input_data)
     if output.suffix == ".pt" and loaded.spec is None:
-        raise click.UsageError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
+        raise InputError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
     if calibrate == "data" and input_data is None:
-        raise click.UsageError("--calibrate data measures the statistics on --input-data FILE; give it")
+        raise InputError("--calibrate data measures the statistics on --input-data FILE; give it")
     data = labels = None
     if input_data is not None:
         try:
@@ -315,6 +355,8 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
     try:
         converted = run.step(f"converting ({mode})", lambda: convert(loaded.model, stats, **kwargs, **checks))
         problems, notes = _agreement_warnings(converted.graphnorm_log, *thresholds)
+        if not converted.graphnorm_log.rewritten and not converted.graphnorm_log.skipped:
+            notes.insert(0, "MODEL has no BatchNorm: nothing to rewrite, OUTPUT computes what MODEL computes")
         run.notes.extend(notes)
         if problems and strict:
             raise GraphnormError(f"{problems[0]} (--strict: nothing written)")
@@ -330,6 +372,9 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
                            convert_kwargs={**kwargs, "calibrate": "running" if calibrated else "none"})
     except GraphnormError as err:
         _fail(run, err)
+    except OSError as err:  # the output directory is read-only, full, gone...
+        _fail(run, GraphnormError(f"cannot write {output}: {err.strerror or first_line(err)}; check that its "
+                                  "directory exists, is writable and has free space"))
     seconds = time.perf_counter() - start
     log = converted.graphnorm_log
     if run.as_json:
@@ -350,7 +395,7 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 @main.command("inspect")
 @click.argument("model_source", metavar="MODEL")
 @_model_input_options
-@click.option("--data", type=click.Path(dir_okay=False),
+@click.option("--data", type=click.Path(),
               help="Samples (.npy/.npz/.pt) for the measured columns (default: drawn from the input statistics).")
 @click.option("--samples", type=click.IntRange(min=1), default=1024, show_default=True,
               help="How many inputs to draw when --data is not given.")
@@ -366,8 +411,9 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 @click.option("--only", type=click.Choice(["bn"]), help="bn: only the BatchNorm inputs.")
 @click.option("--force", is_flag=True, help="Overwrite the --plot file if it exists.")
 def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
-                    input_data: str | None, weights: str | None, trust_pickle: bool, leaf_modules: tuple[str, ...],
-                    spatial: bool, fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
+                    input_data: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
+                    allowed_packages: tuple[str, ...], leaf_modules: tuple[str, ...], spatial: bool,
+                    fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
                     batch_size: int, no_empirical: bool,
                     normalize: str, output_format: str, plot_path: Path | None, only: str | None,
                     force: bool) -> None:
@@ -378,10 +424,11 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
     run = _Run(quiet=False, as_json=output_format == "json", debug=debug)
     if plot_path is not None:
         if plot_path.suffix.lower() != ".png":
-            raise click.BadParameter("the plot file must end in .png", param_hint="--plot")
+            raise InputError("the plot file must end in .png", param_hint="--plot")
         if plot_path.exists() and not force:
-            raise click.UsageError(f"{plot_path} exists; pass --force to overwrite it")
-    loaded, shape, stats = _load_inputs(run, model_source, weights, trust_pickle, input_shape, input_mean, input_std,
+            raise InputError(f"{plot_path} exists; pass --force to overwrite it")
+    trust = {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
+    loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
                                         input_data)
     samples_data = None
     if data is not None:

@@ -20,6 +20,10 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+class ModelLoadError(GraphnormError):
+    """The model, its weights or its input data could not be loaded as given."""
+
+
 class InputStatsError(GraphnormError, ValueError):
     """Input statistics are malformed (wrong length, negative or non-finite values, empty data)."""
 

@@ -230,7 +230,7 @@ def test_a_conversion_that_changes_the_function_warns_and_strict_fails_writing_n
 def test_an_untrained_original_is_no_reference(tmp_path) -> None:
     result = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "x.onnx", "--input-shape", "1,1,8,8", "--strict")
     assert result.exit_code == 0, result.output
-    assert "untrained running statistics, so it is no reference" in result.output and "warning" not in result.output
+    assert "no trained running statistics (untrained, or" in result.output and "warning" not in result.output
 
 
 def test_calibrate_option(tmp_path) -> None:
@@ -266,5 +266,5 @@ def test_an_empty_weights_file_is_one_line_not_a_traceback(tmp_path) -> None:
     empty.write_bytes(b"")
     result = run("convert", "graphnorm.zoo:DigitsCNN", tmp_path / "x.onnx", "--input-shape", "1,1,8,8",
                  "--weights", empty)
-    assert result.exit_code == 2 and "is not a weights-only state_dict file: EOFError" in result.output
+    assert result.exit_code == 2 and "empty.pt is empty (0 bytes)" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.onnx").exists()
