@@ -80,7 +80,9 @@ class _Run:
 
     def __init__(self, quiet: bool, as_json: bool, debug: bool):
         self.quiet, self.as_json, self.debug = quiet, as_json, debug
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Off a terminal (a pipe, a file, a pager) there is no width to fit: tables take their natural width, so
+        # that no number is cut to "0.1…".
+        self.out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
         self.err = Console(stderr=True, highlight=False)
         self.notes: list[str] = []
 

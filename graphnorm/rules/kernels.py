@@ -32,30 +32,28 @@ def _grouped_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 @torch.library.custom_op("graphnorm::kernel_moments", mutates_args=())
 def _kernel_moments_op(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W m, (W*W) v, W*W)`` as GEMVs over whole rows of the weight (the per-channel moments repeated over
-    the taps), never a reduction over the few taps of a kernel. The squared weight is an output so that the
-    backward reuses it (a custom op's context may save its outputs, not its intermediates)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W m, (W*W) v)`` as GEMVs over whole rows of the weight (the per-channel moments repeated over the
+    taps), never a reduction over the few taps of a kernel. The squared weight is not an output (saved for the
+    backward it would be a weight-sized tensor held through the step and, under torch.compile, given a
+    weight-sized zero gradient); the backward squares again."""
     rows = _grouped_rows(weight, groups)
     taps = weight[0, 0].numel()
     square = rows * rows
     out_mean = torch.bmm(rows, _repeat_taps(mean, groups, taps).transpose(1, 2)).reshape(-1)
     out_var = torch.bmm(square, _repeat_taps(var, groups, taps).transpose(1, 2)).reshape(-1)
-    return out_mean, out_var, square
+    return out_mean, out_var
 
 
 @_kernel_moments_op.register_fake
 def _(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int):
-    square = weight.new_empty((groups, weight.shape[0] // groups, weight[0].numel()))
-    return weight.new_empty(weight.shape[0]), weight.new_empty(weight.shape[0]), square
+    return weight.new_empty(weight.shape[0]), weight.new_empty(weight.shape[0])
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     weight, mean, var, groups = inputs
-    ctx.save_for_backward(weight, mean, var, output[2])
+    ctx.save_for_backward(weight, mean, var)
     ctx.groups = groups
-    ctx.mark_non_differentiable(output[2])  # else autograd fills a zero gradient the size of the weight
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, grad_mean: torch.Tensor, grad_var: torch.Tensor, *_):
@@ -63,15 +61,15 @@ def _backward(ctx: Any, grad_mean: torch.Tensor, grad_var: torch.Tensor, *_):
     scaling and a rank-1 update in place (elementwise broadcasts along contiguous rows; a broadcast over the
     few taps of a kernel would not vectorize). The input moments' gradients are GEMVs of the output gradients
     with ``W`` and ``W*W``, summed over the taps."""
-    weight, mean, var, square = ctx.saved_tensors
+    weight, mean, var = ctx.saved_tensors
     groups = ctx.groups
-    grad_mean = weight.new_zeros(weight.shape[0]) if grad_mean is None else grad_mean
-    grad_var = weight.new_zeros(weight.shape[0]) if grad_var is None else grad_var
-
     rows = _grouped_rows(weight, groups)
     taps = weight[0, 0].numel()
     g_mean = grad_mean.reshape(groups, 1, -1)
     g_var = grad_var.reshape(groups, 1, -1)
+    if torch.compiler.is_compiling():
+        return (*_traced_gradients(ctx.needs_input_grad, rows, mean, var, g_mean, g_var, weight.shape),
+                None)
     grad_weight = grad_in_mean = grad_in_var = None
     if ctx.needs_input_grad[0]:
         grad_weight = rows * _repeat_taps(var, groups, taps)
@@ -81,8 +79,27 @@ def _backward(ctx: Any, grad_mean: torch.Tensor, grad_var: torch.Tensor, *_):
     if ctx.needs_input_grad[1]:
         grad_in_mean = torch.bmm(g_mean, rows).reshape(mean.shape[0], taps).sum(1)
     if ctx.needs_input_grad[2]:
-        grad_in_var = torch.bmm(g_var, square).reshape(var.shape[0], taps).sum(1)
+        grad_in_var = torch.bmm(g_var, rows * rows).reshape(var.shape[0], taps).sum(1)
     return grad_weight, grad_in_mean, grad_in_var, None
+
+
+def _traced_gradients(needs: tuple[bool, ...], rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                      g_mean: torch.Tensor, g_var: torch.Tensor, shape: torch.Size) -> tuple:
+    """The same gradients as broadcasts and reductions over ``[g, O/g, C/g, taps]``, the form a compiler (which
+    traces this backward) fuses into single loops; in eager mode the GEMV form above is faster."""
+    groups, per_group_out = rows.shape[0], rows.shape[1]
+    kernel = rows.reshape(groups, per_group_out, -1, shape[2:].numel())
+    g_mean, g_var = g_mean.reshape(groups, -1, 1), g_var.reshape(groups, -1, 1)
+    mean, var = mean.reshape(groups, 1, -1), var.reshape(groups, 1, -1)
+    grad_weight = grad_in_mean = grad_in_var = None
+    if needs[0]:
+        grad_weight = torch.addcmul((g_mean * mean).unsqueeze(-1), kernel, (g_var * var).unsqueeze(-1), value=2.0)
+        grad_weight = grad_weight.reshape(shape)
+    if needs[1]:
+        grad_in_mean = (kernel.sum(-1) * g_mean).sum(1).reshape(-1)
+    if needs[2]:
+        grad_in_var = ((kernel * kernel).sum(-1) * g_var).sum(1).reshape(-1)
+    return grad_weight, grad_in_mean, grad_in_var
 
 
 _kernel_moments_op.register_autograd(_backward, setup_context=_setup_context)
@@ -93,5 +110,5 @@ def kernel_moments(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
     """``(W m, (W*W) v)`` per output channel of a Linear/Conv weight ``[O, C/g, *k]`` on per-channel input
     moments ``mean``/``var`` of length C (kernel summed over its taps)."""
     mean, var = mean.to(weight.dtype), var.to(weight.dtype)
-    out_mean, out_var, _ = _kernel_moments_op(weight, mean.contiguous(), var.contiguous(), groups)
+    out_mean, out_var = _kernel_moments_op(weight, mean.contiguous(), var.contiguous(), groups)
     return out_mean, out_var

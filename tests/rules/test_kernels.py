@@ -50,3 +50,22 @@ def test_kernel_moments_gradient_of_one_output(used) -> None:
     expected = torch.autograd.grad(reference, (weight, mean, var), allow_unused=True)
     for a, b in zip(grads, expected, strict=True):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
+
+
+def test_the_compiler_form_of_the_backward_equals_the_eager_form(monkeypatch) -> None:
+    """Under torch.compile the backward is traced in a broadcast-and-reduce form (fused by inductor); it must
+    give the eager GEMV form's gradients (checked here in eager mode by pretending to compile)."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+
+    def gradients():
+        out_mean, out_var = kernel_moments(weight, mean, var, 2)
+        return torch.autograd.grad((out_mean * probe[0]).sum() + (out_var * probe[1]).sum(), (weight, mean, var))
+
+    eager = gradients()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for a, b in zip(gradients(), eager, strict=True):
+        torch.testing.assert_close(a, b)
