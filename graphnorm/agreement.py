@@ -116,8 +116,13 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 def _run(model: nn.Module, x: torch.Tensor, which: str) -> list[torch.Tensor]:
+    """The model's floating outputs on ``x`` (cast to the dtype of the model's parameters, e.g. a float16
+    model), in float32 or wider for the comparison."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
     try:
-        return _tensors(model(x))
+        return [t if t.dtype == torch.float64 else t.float() for t in _tensors(model(x))]
     except (RuntimeError, ValueError, TypeError) as err:
         raise GraphnormError(f"the agreement check could not run the {which} model on a batch of shape "
                              f"{tuple(x.shape)}: {first_line(err)}; skip the check with agreement_samples=0 "

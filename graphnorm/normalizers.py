@@ -242,7 +242,11 @@ class FixedBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        weight, bias = self.weight, self.bias
+        if self.running_mean.dtype != x.dtype:  # float16/bfloat16 input: float32 statistics and affine
+            weight = None if weight is None else weight.to(self.running_mean.dtype)
+            bias = None if bias is None else bias.to(self.running_mean.dtype)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.running_mean.numel()}, eps={self.eps}, affine={self.weight is not None}"

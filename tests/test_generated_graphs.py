@@ -1,6 +1,6 @@
 """Properties of conversion on generated networks (tests/generated_networks.py): in every mode the converted
 model is batch independent in training and finite; fixed mode equals the original in eval with the analytic
-statistics written into its running statistics (graphnorm.recalibrate_batchnorm); the exported ONNX graph
+statistics written into its running statistics (graphnorm.recalibrate.recalibrate_batchnorm); the exported ONNX graph
 matches torch in onnxruntime.
 
 CI runs a modest number of examples; ``GRAPHNORM_GENERATED_EXAMPLES=3000 python -m pytest
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 import graphnorm
 from graphnorm import InputStats
 from graphnorm.export import export_onnx
+from graphnorm.recalibrate import recalibrate_batchnorm
 
 EXAMPLES = int(os.environ.get("GRAPHNORM_GENERATED_EXAMPLES", "12"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 12,
@@ -29,7 +30,7 @@ def batch(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
 
 
 @SETTINGS
-@given(networks())
+@given(generated=networks())
 def test_every_mode_is_batch_independent_and_finite(generated) -> None:
     network, shape, spec = generated
     x = batch(shape, 5, 0)
@@ -45,20 +46,20 @@ def test_every_mode_is_batch_independent_and_finite(generated) -> None:
 
 
 @SETTINGS
-@given(networks())
+@given(generated=networks())
 def test_fixed_mode_is_the_recalibrated_original(generated) -> None:
     network, shape, spec = generated
     stats = InputStats.standard(shape[1])
     fixed = graphnorm.convert(network, stats, input_shape=shape, mode="fixed", calibrate="none",
                               agreement_samples=0).eval()
-    recalibrated = graphnorm.recalibrate_batchnorm(network, stats, shape).eval()
+    recalibrated = recalibrate_batchnorm(network, stats, shape).eval()
     x = batch(shape, 4, 1)
     with torch.no_grad():
         torch.testing.assert_close(fixed(x), recalibrated(x), rtol=1e-4, atol=1e-5, msg=spec)
 
 
 @settings(SETTINGS, max_examples=max(3, EXAMPLES // 4))
-@given(networks())
+@given(generated=networks())
 def test_export_matches_onnxruntime(generated, tmp_path_factory) -> None:
     network, shape, spec = generated
     converted = graphnorm.convert(network, InputStats.standard(shape[1]), input_shape=shape, mode="analytic",

@@ -109,6 +109,7 @@ def kernel_moments(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W m, (W*W) v)`` per output channel of a Linear/Conv weight ``[O, C/g, *k]`` on per-channel input
     moments ``mean``/``var`` of length C (kernel summed over its taps)."""
-    mean, var = mean.to(weight.dtype), var.to(weight.dtype)
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, mean.dtype), torch.float32)  # float32 or wider
+    weight, mean, var = weight.to(dtype), mean.to(dtype), var.to(dtype)
     out_mean, out_var = _kernel_moments_op(weight, mean.contiguous(), var.contiguous(), groups)
     return out_mean, out_var
