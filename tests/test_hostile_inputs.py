@@ -300,3 +300,19 @@ def test_an_interrupted_export_leaves_no_partial_file(signum, tmp_path) -> None:
         process.kill()
     assert process.returncode != 0
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_batchnorm_without_running_statistics_converts_and_says_why_it_is_no_reference(tmp_path,
+                                                                                          monkeypatch) -> None:
+    """``track_running_stats=False``: the original normalizes with batch statistics even in eval, so it is no
+    reference for agreement; the conversion succeeds and says so (no warning, exit 0)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "nostats_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = CliRunner().invoke(main, ["convert", "nostats_models:net", str(tmp_path / "x.onnx"), *SHAPE])
+    sys.modules.pop("nostats_models", None)
+    assert result.exit_code == 0, result.output
+    assert "no trained running statistics (untrained, or track_running_stats=False)" in result.output

@@ -142,3 +142,18 @@ def test_cli_inspect(tmp_path) -> None:
     assert bad.exit_code == 2
     wrong = runner.invoke(main, ["inspect", digits, "--plot", str(tmp_path / "plot.jpg")])
     assert wrong.exit_code == 2 and ".png" in wrong.output
+
+
+def test_the_table_off_a_terminal_prints_every_number_in_full() -> None:
+    """Piped into a file or a pager (CliRunner is not a terminal either), no cell is cut to '0.1…': every cell of
+    the Markdown rendering appears whole in the table."""
+    runner = CliRunner()
+    args = ["inspect", os.path.join(FIXTURES, "digits_cnn.pt"), "--samples", "32"]
+    table = runner.invoke(main, args)
+    markdown = runner.invoke(main, [*args, "--format", "markdown"])
+    assert table.exit_code == 0 and markdown.exit_code == 0
+    assert "…" not in table.output
+    cells = {cell.strip() for line in markdown.output.splitlines() if line.startswith("| ")
+             for cell in line.strip().strip("|").split("|")}
+    missing = sorted(cell for cell in cells if cell and cell not in table.output)
+    assert not missing, missing
