@@ -242,11 +242,12 @@ class FixedBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if self.running_mean.dtype != x.dtype:  # float16/bfloat16 input: float32 statistics and affine
-            weight = None if weight is None else weight.to(self.running_mean.dtype)
-            bias = None if bias is None else bias.to(self.running_mean.dtype)
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+        # float16/bfloat16 inputs normalize with float32 statistics and affine (batch_norm's mixed type), the rest
+        # in their own dtype.
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+        return F.batch_norm(x, self.running_mean.to(dtype), self.running_var.to(dtype), weight, bias, False, 0.0,
+                            self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.running_mean.numel()}, eps={self.eps}, affine={self.weight is not None}"

@@ -302,10 +302,9 @@ class _Rewriter:
     def fixed(self, site: BatchNormSite) -> None:
         target = self.targets.get(site.node.name)
         mean, var = target if target is not None else self._input_moments(site)
-        # float32 statistics (float16/bfloat16 inputs normalize with float32 statistics, as BatchNorm does),
-        # float64 for a float64 model (batch_norm refuses float32 statistics for float64 inputs).
-        wide = mean.dtype == torch.float64 or (site.weight is not None and site.weight.dtype == torch.float64)
-        dtype = torch.float64 if wide else torch.float32
+        # float32 statistics, float64 for a float64 model (FixedBatchNorm casts them to what its input needs).
+        wide = site.weight.dtype == torch.float64 if site.weight is not None else mean.dtype == torch.float64
+        dtype = torch.float64 if wide and target is None else torch.float32
         fixed = FixedBatchNorm(mean.to(dtype), var.to(dtype), site.weight, site.bias, self._site_eps(site))
         name = self._install(site.module_path or f"{site.node.name}_fixed", fixed)
         self._replace_node(site.node, name, site.node.args[0])

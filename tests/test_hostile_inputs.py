@@ -276,7 +276,8 @@ def test_an_interrupted_export_leaves_no_partial_file(signum, tmp_path) -> None:
     started = tmp_path / "started"
     script = tmp_path / "slow_export.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even if started in background
         import graphnorm.export as export
         original = export._export
         def slow(*args, **kwargs):
