@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 ACTIVATIONS = {
     "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softplus": nn.Softplus, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh,
-    "mish": nn.Mish, "hardswish": nn.Hardswish, "identity": nn.Identity,
+    "mish": nn.Mish, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "identity": nn.Identity,
 }
 
 
@@ -99,11 +99,16 @@ def networks(draw) -> tuple[Network, tuple[int, ...], str]:
     shape = (1, channels, size, size)
     body, spec = [], []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "twice", "maxpool", "avgpool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "twice", "maxpool", "avgpool",
+                                     "adaptive"]))
         if kind in ("maxpool", "avgpool") and size >= 2:
             body.append(nn.MaxPool2d(2) if kind == "maxpool" else nn.AvgPool2d(2))
             size //= 2
             spec.append(kind)
+        elif kind == "adaptive":
+            size = draw(st.integers(1, size))
+            body.append(nn.AdaptiveAvgPool2d(size))
+            spec.append(f"adaptive_avg_pool({size})")
         elif kind == "concat":
             left, left_channels, left_size, left_text = draw(conv_block(channels, size, keep_shape=True))
             right, right_channels, _, right_text = draw(conv_block(channels, size, keep_shape=True))
