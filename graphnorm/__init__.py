@@ -15,6 +15,7 @@ from .export import ExportError, ExportResult, VerificationError, export_onnx
 from .freeze import freeze
 from .inspection import inspect
 from .moments import Moments
+from .noise import kl_divergence, predict
 from .ops import register_op
 from .propagate import MomentPropagator, MomentTable, propagate
 from .report import Report
@@ -50,7 +51,9 @@ __all__ = [
     "export_onnx",
     "freeze",
     "inspect",
+    "kl_divergence",
     "moment_rule",
+    "predict",
     "propagate",
     "register_op",
     "trace",

@@ -291,6 +291,10 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
                                              "has no closed-form rule (--fallback error).")
 @click.option("--stochastic-batch", type=click.IntRange(min=4),
               help="Add BatchNorm-like noise of this virtual batch size in training.")
+@click.option("--noise", type=click.Choice(["batch", "learned"]), default="batch", show_default=True,
+              help="batch: BatchNorm's noise of --stochastic-batch; learned: a learned posterior over each "
+                   "normalizer's scale and bias starting from it (--stochastic-batch defaults to 32; add "
+                   "graphnorm.kl_divergence(model)/N to the loss; docs/training.md).")
 @click.option("--normprop-c", type=click.FloatRange(min=0, min_open=True), default=1.21, show_default=True,
               help="NormProp's constant c.")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
@@ -305,7 +309,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
                     trust_code: bool, allowed_packages: tuple[str, ...], calibrate: str, min_agreement: float,
                     max_output_error: float, agreement_samples: int,
-                    strict: bool, stochastic_batch: int | None, normprop_c: float, spatial: bool,
+                    strict: bool, stochastic_batch: int | None, noise: str, normprop_c: float, spatial: bool,
                     fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
                     legacy_exporter: bool, verify: bool, rtol: float,
                     atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
@@ -334,7 +338,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
             data, labels = load_input_data(input_data), load_labels(input_data)
         except GraphnormError as err:
             raise _usage(err) from err
-    kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch,
+    kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch, "noise": noise,
               "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules),
               "fallback": "error" if strict else fallback, "fallback_samples": fallback_samples}
     checks = {"calibrate": calibrate, "data": data, "labels": labels, "agreement_samples": agreement_samples}

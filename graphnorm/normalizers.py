@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .noise import LearnedNoise
+
 __all__ = ["AnalyticNorm", "BatchNoise", "Calibration", "ChannelAffine", "FixedBatchNorm", "NormPropLayer",
            "NormalizedBias", "NormalizedWeight", "ReparamState", "batch_noise"]
 
@@ -66,6 +68,37 @@ def batch_noise(batch: int, channels: int, virtual_batch: int, like: torch.Tenso
     scale = ratio.rsqrt()
     shift = -torch.randn_like(concentration) * scale / math.sqrt(virtual_batch)
     return scale.to(like.dtype), shift.to(like.dtype)
+
+
+NOISE_KINDS = ("batch", "learned")
+
+
+def make_noise(kind: str, channels: int, virtual_batch: int | None, like: torch.Tensor | None
+               ) -> LearnedNoise | None:
+    """The learned posterior for ``kind="learned"`` (initialised at BatchNorm's noise of ``virtual_batch``);
+    None for BatchNorm's fixed noise (:func:`batch_noise`) or no noise."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
+    if kind == "batch" or virtual_batch is None:
+        return None
+    if channels == 0:
+        raise ValueError("learned noise needs the normalizer's channel count (an affine BatchNorm)")
+    return LearnedNoise(channels, virtual_batch, like)
+
+
+def draw_noise(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` ``[batch, C]`` for a noisy normalizer: from its learned posterior, or BatchNorm's noise."""
+    if module.noise is not None:
+        return module.noise.sample(x.shape[0], x)
+    return batch_noise(x.shape[0], x.shape[1], module.stochastic_batch, x)
+
+
+def noise_moments(module: nn.Module) -> tuple[torch.Tensor | float, torch.Tensor | float, torch.Tensor | float]:
+    """``(E[s], E[s^2], E[t^2])`` of a noisy normalizer's noise (``E[t] = 0``, ``E[s t] = 0``)."""
+    if module.noise is not None:
+        return module.noise.moments()
+    second = stochastic_variance_factor(module.stochastic_batch)
+    return expected_noise_scale(module.stochastic_batch), second, second / module.stochastic_batch
 
 
 def stochastic_variance_factor(virtual_batch: int) -> float:
@@ -136,7 +169,7 @@ class AnalyticNorm(nn.Module):
     """
 
     def __init__(self, num_features: int, weight: nn.Parameter | None, bias: nn.Parameter | None, eps: float,
-                 stochastic_batch: int | None = None):
+                 stochastic_batch: int | None = None, noise: str = "batch"):
         super().__init__()
         _check_virtual_batch(stochastic_batch)
         self.num_features = num_features
@@ -144,8 +177,13 @@ class AnalyticNorm(nn.Module):
         self.bias = bias
         self.eps = eps
         self.stochastic_batch = stochastic_batch
+        self.noise = make_noise(noise, num_features, stochastic_batch, weight if weight is not None else bias)
         self.calibration = Calibration(num_features, weight if weight is not None else bias)
         self.statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def noise_kl(self) -> torch.Tensor:
+        """The KL term of this normalizer's learned noise (:meth:`graphnorm.noise.LearnedNoise.kl`)."""
+        return self.noise.kl(self.weight, self.bias)
 
     def normalizing_statistics(self, statistics: tuple[torch.Tensor, torch.Tensor] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +212,7 @@ class AnalyticNorm(nn.Module):
         if self.training and self.stochastic_batch is not None:
             mu, sigma = (t.to(x.dtype) for t in self.normalizing_statistics(statistics))
             y = (x - channel_view(mu, x)) / channel_view(sigma, x)
-            noise_scale, noise_shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
+            noise_scale, noise_shift = draw_noise(self, x)
             view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
             y = y * noise_scale.reshape(view) + noise_shift.reshape(view)
             if self.weight is not None:
@@ -193,6 +231,7 @@ class AnalyticNorm(nn.Module):
 
     def extra_repr(self) -> str:
         noise = f", stochastic_batch={self.stochastic_batch}" if self.stochastic_batch else ""
+        noise += ", learned noise" if self.noise is not None else ""
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}{noise}"
 
 
@@ -208,24 +247,32 @@ class BatchNoise(nn.Module):
     layer): in training ``y = s (x - beta) + gamma t + beta`` with ``(s, t)`` from :func:`batch_noise`;
     identity in eval."""
 
-    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, stochastic_batch: int):
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, stochastic_batch: int,
+                 noise: str = "batch"):
         super().__init__()
         _check_virtual_batch(stochastic_batch)
         self.weight = weight
         self.bias = bias
         self.stochastic_batch = stochastic_batch
+        reference = weight if weight is not None else bias
+        channels = reference.shape[0] if reference is not None else 0
+        self.noise = make_noise(noise, channels, stochastic_batch, reference)
+
+    def noise_kl(self) -> torch.Tensor:
+        """The KL term of this noise's learned posterior (:meth:`graphnorm.noise.LearnedNoise.kl`)."""
+        return self.noise.kl(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        scale, shift = batch_noise(x.shape[0], x.shape[1], self.stochastic_batch, x)
+        scale, shift = draw_noise(self, x)
         view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         beta = channel_view(self.bias, x) if self.bias is not None else 0.0
         gamma = channel_view(self.weight, x) if self.weight is not None else 1.0
         return scale.reshape(view) * (x - beta) + gamma * shift.reshape(view) + beta
 
     def extra_repr(self) -> str:
-        return f"stochastic_batch={self.stochastic_batch}"
+        return f"stochastic_batch={self.stochastic_batch}" + (", learned" if self.noise is not None else "")
 
 
 class FixedBatchNorm(nn.Module):

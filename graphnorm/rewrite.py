@@ -42,6 +42,7 @@ from .errors import GraphnormError
 from .exported import as_module
 from .graphs import attribute_value
 from .normalizers import (
+    NOISE_KINDS,
     RELU_MEAN,
     RELU_STD,
     AnalyticNorm,
@@ -65,6 +66,7 @@ from .trace import CAPTURE, OP_KEY, SPECIALIZED, trace
 __all__ = ["ConversionLog", "Rewrite", "Skip", "convert"]
 
 Mode = Literal["analytic", "reparam", "normprop", "fixed"]
+Noise = Literal["batch", "learned"]
 MODES = ("analytic", "reparam", "normprop", "fixed")
 
 
@@ -236,6 +238,7 @@ class _Rewriter:
         self.eps = eps
         self.log = log
         self.targets = targets  # BatchNorm node -> (mean, var) to calibrate to
+        self.noise = "batch"  # the kind of noise of noisy normalizers (graphnorm.normalizers.NOISE_KINDS)
         self.pending: list[_PendingCalibration] = []
         self.analytic_sites: list[tuple[str, str]] = []
         self.reparam_sites: list[tuple[str, str]] = []
@@ -291,7 +294,7 @@ class _Rewriter:
     def analytic(self, site: BatchNormSite, stochastic_batch: int | None, detail: str = "") -> None:
         x = site.node.args[0]
         channels = self.propagator.shapes[site.input_name][0]
-        norm = AnalyticNorm(channels, site.weight, site.bias, self._site_eps(site), stochastic_batch)
+        norm = AnalyticNorm(channels, site.weight, site.bias, self._site_eps(site), stochastic_batch, self.noise)
         norm.statistics = self._input_moments(site)
         name = self._install(site.module_path or f"{site.node.name}_norm", norm)
         self._replace_node(site.node, name, x)
@@ -346,11 +349,12 @@ class _Rewriter:
         detail = f"folded into '{producer.target}'"
         if stochastic_batch is not None:
             name = self._install(site.module_path or f"{site.node.name}_noise",
-                                 BatchNoise(site.weight, site.bias, stochastic_batch))
+                                 BatchNoise(site.weight, site.bias, stochastic_batch, self.noise))
             with self.graph.inserting_after(producer):
                 noisy = self.graph.call_module(name, (producer,))
             producer.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
-            detail += f", BatchNorm noise of batch {stochastic_batch} after it"
+            kind = "learned noise starting from BatchNorm's" if self.noise == "learned" else "BatchNorm noise"
+            detail += f", {kind} of batch {stochastic_batch} after it"
         calibrated = self._calibrate(site, state.calibration, lambda: (state.mu, state.sigma), own_bias)
         self.log.rewritten.append(Rewrite(site.node.name, site.module_path, "reparam", detail, calibrated))
 
@@ -408,7 +412,8 @@ def _calibration_targets(graph_module: fx.GraphModule, sites: list[BatchNormSite
 
 def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, *, input_shape: Iterable[int],
             mode: Mode = "analytic",
-            eps: float | None = None, stochastic_batch: int | None = None, normprop_c: float = 1.21,
+            eps: float | None = None, stochastic_batch: int | None = None, noise: Noise = "batch",
+            normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
             spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
             agreement_samples: int = 16, fallback: Literal["sample", "error"] = "sample",
@@ -419,7 +424,10 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     ``graphnorm_log``; ``model`` and its parameters are not modified. ``input_shape`` is the shape of one
     input batch (batch first); ``stats`` the per-channel input statistics. ``eps`` overrides every BatchNorm's
     own eps. ``stochastic_batch=M`` (analytic and reparam modes) adds BatchNorm-like noise of a virtual
-    batch of size M in training. ``spatial=True`` computes statistics with per-unit moments (exact zero
+    batch of size M in training; with ``noise="learned"`` that noise is the initial value of a learned
+    per-channel posterior over the normalizers' scale and bias (:mod:`graphnorm.noise`; ``stochastic_batch``
+    defaults to 32 then), whose KL term :func:`graphnorm.kl_divergence` gives. ``spatial=True`` computes
+    statistics with per-unit moments (exact zero
     padding; slower, for small images).
 
     ``calibrate`` chooses what the normalizers' statistics are calibrated to (:mod:`graphnorm.calibration`):
@@ -434,6 +442,10 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     """
     if mode not in MODES:
         raise GraphnormError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if noise not in NOISE_KINDS:
+        raise GraphnormError(f"noise must be one of {', '.join(NOISE_KINDS)}; got {noise!r}")
+    if noise == "learned" and stochastic_batch is None:
+        stochastic_batch = 32
     if stochastic_batch is not None and mode not in ("analytic", "reparam"):
         raise GraphnormError(f"stochastic_batch applies to the analytic and reparam modes, not to {mode!r}")
     if stochastic_batch is not None and (not isinstance(stochastic_batch, int) or stochastic_batch < 4):
@@ -460,6 +472,7 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     log.trained_sites = sum(has_trained_statistics(site) for site in sites)
     targets = _calibration_targets(graph_module, sites, log.calibration, selected, data)
     rewriter = _Rewriter(graph_module, propagator, table, eps, log, targets)
+    rewriter.noise = noise
     for site in sites:
         if mode == "analytic":
             rewriter.analytic(site, stochastic_batch)

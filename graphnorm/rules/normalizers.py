@@ -17,8 +17,7 @@ from ..normalizers import (
     ChannelAffine,
     FixedBatchNorm,
     NormPropLayer,
-    expected_noise_scale,
-    stochastic_variance_factor,
+    noise_moments,
 )
 from ..ops import register_instance_op, register_op
 from ..program import folded_layer
@@ -31,14 +30,15 @@ REPARAM = "reparam"
 @moment_rule("analytic_norm")
 def analytic_norm(x: Moments, *, module: AnalyticNorm, training: bool, **_) -> Moments:
     """The analytic normalizer normalizes by its input's own analytic moments: the batch form of BatchNorm,
-    mean ``beta`` and variance ``gamma^2 v/(v + eps)`` (exact). With BN-like noise of virtual batch M in
-    training, the variance becomes ``gamma^2 M/(M-3) (v/(v+eps) + 1/M)`` (noise independent of x)."""
+    mean ``beta`` and variance ``gamma^2 v/(v + eps)`` (exact). With noise ``(s, t)`` in training (BatchNorm's of
+    virtual batch M, or learned), the variance becomes ``gamma^2 (E[s^2] v/(v+eps) + E[t^2])`` (noise independent
+    of x; for BatchNorm's noise ``E[s^2] = M/(M-3)``, ``E[t^2] = E[s^2]/M``)."""
     if not (training and module.stochastic_batch):
         return batch_norm(x, running_mean=None, running_var=None, weight=module.weight, bias=module.bias,
                           training=True, eps=module.eps)
     # Noise is shared over positions: summarize per channel, where the output moments are exact.
-    normalized_var = x.var / (x.var + module.eps)
-    var = stochastic_variance_factor(module.stochastic_batch) * (normalized_var + 1.0 / module.stochastic_batch)
+    _, second, shift_second = noise_moments(module)
+    var = second * (x.var / (x.var + module.eps)) + shift_second
     mean = torch.zeros_like(var)
     if module.weight is not None:
         var = var * module.weight.square()
@@ -50,16 +50,16 @@ def analytic_norm(x: Moments, *, module: AnalyticNorm, training: bool, **_) -> M
 @moment_rule("batch_noise")
 def batch_noise(x: Moments, *, module: BatchNoise, training: bool, **_) -> Moments:
     """``y = s (x - beta) + gamma t + beta`` with noise independent of x: per channel, with ``d = m - beta``,
-    mean ``beta + E[s] d``, var ``E[s^2] (v + d^2) - E[s]^2 d^2 + gamma^2 E[s^2]/M`` (exact); identity in eval."""
+    mean ``beta + E[s] d``, var ``E[s^2] (v + d^2) - E[s]^2 d^2 + gamma^2 E[t^2]`` (exact; ``E[s t] = 0``);
+    identity in eval."""
     if not training:
         return x
-    virtual_batch = module.stochastic_batch
-    second, first = stochastic_variance_factor(virtual_batch), expected_noise_scale(virtual_batch)
+    first, second, shift_second = noise_moments(module)
     mean, var = x.mean, x.var
     beta = module.bias if module.bias is not None else torch.zeros_like(mean)
     gamma2 = module.weight.square() if module.weight is not None else torch.ones_like(mean)
     offset = mean - beta
-    out_var = second * (var + offset * offset) - first**2 * offset * offset + gamma2 * second / virtual_batch
+    out_var = second * (var + offset * offset) - first**2 * offset * offset + gamma2 * shift_second
     return Moments.per_channel(beta + first * offset, out_var, x.shape)
 
 

@@ -239,14 +239,22 @@ def conv_bn() -> nn.Module:
 
 
 def converted(mode: str, *, stochastic_batch: int | None = None, mean=IN3_MEAN, std=IN3_STD,
-              factory: Callable[[], nn.Module] | None = None) -> Callable[[], nn.Module]:
+              factory: Callable[[], nn.Module] | None = None, noise: str = "batch") -> Callable[[], nn.Module]:
     def build() -> nn.Module:
 
         import graphnorm
+        from graphnorm.noise import LearnedNoise
 
         model = factory() if factory is not None else conv_bn_relu_bn()
-        return graphnorm.convert(model, graphnorm.InputStats(mean, std), input_shape=(1, 3, 6, 6), mode=mode,
-                                 stochastic_batch=stochastic_batch)
+        result = graphnorm.convert(model, graphnorm.InputStats(mean, std), input_shape=(1, 3, 6, 6), mode=mode,
+                                   stochastic_batch=stochastic_batch, noise=noise)
+        with torch.no_grad():  # a learned posterior away from its BatchNorm initialisation, different per channel
+            for module in result.modules():
+                if isinstance(module, LearnedNoise):
+                    channels = torch.arange(module.log_sigma_scale.shape[0], dtype=torch.float32)
+                    module.log_sigma_scale.copy_(torch.log(0.2 + 0.1 * channels))
+                    module.log_sigma_shift.copy_(torch.log(0.6 / (1 + channels)))
+        return result
 
     return build
 
@@ -255,7 +263,11 @@ CASES += [
     Case("converted-analytic", converted("analytic"), (3, 6, 6), IN3_MEAN, IN3_STD),
     Case("converted-analytic-stochastic-train", converted("analytic", stochastic_batch=8, factory=conv_bn),
          (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
+    Case("converted-analytic-learned-noise-train", converted("analytic", noise="learned", factory=conv_bn),
+         (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
     Case("converted-reparam", converted("reparam"), (3, 6, 6), IN3_MEAN, IN3_STD),
+    Case("converted-reparam-learned-noise-train", converted("reparam", noise="learned", factory=conv_bn),
+         (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
     Case("converted-reparam-stochastic-train", converted("reparam", stochastic_batch=8, factory=conv_bn),
          (3, 6, 6), IN3_MEAN, IN3_STD, train=True),
     Case("converted-normprop", converted("normprop"), (3, 6, 6), IN3_MEAN, IN3_STD),
