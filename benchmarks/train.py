@@ -6,8 +6,16 @@ with BatchNorm; graphnorm's variants are made from that same network by ``graphn
 "no normalization" by swapping the BatchNorm modules as a user would. Every variant sees the same number of
 examples with the same optimizer (SGD, momentum 0.9, learning rate ``base * B/32``, cosine decay).
 
+The batch-independent normalizers users pick today are the peers: GroupNorm, LayerNorm over channels (timm
+``LayerNorm2d``), EvoNorm-S0 and FilterResponseNorm with TLU (timm; both replace the BatchNorm *and* the ReLU
+after it, as they are designed to), with BatchNorm at batch 32 as the reference. Every run reports test accuracy,
+test negative log-likelihood (NLL) and expected calibration error (ECE, 15 equal-width confidence bins) of the
+eval-mode network; the noisy graphnorm variants (BatchNorm's noise of batch 32, ``+noise``; learned noise with
+its KL term weighted 1/N_train, ``+learned``) also of the K-sample predictive (``graphnorm.predict``).
+
     python benchmarks/train.py --quick        # smoke run, under 2 minutes (part of the test suite)
-    python benchmarks/train.py --workers 2    # the whole grid
+    python benchmarks/train.py --workers 2    # the whole grid, 4 epochs
+    python benchmarks/train.py --workers 2 --epochs 30 --batches 1 2 32   # the long schedule
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ from common import GridRun, failures, grid_parser, markdown_table, run_grid, wri
 import graphnorm
 from graphnorm.zoo import DigitsCNN
 
-VARIANTS = ("batchnorm", "groupnorm", "none", "analytic", "reparam", "normprop", "analytic+noise")
+VARIANTS = ("batchnorm", "groupnorm", "layernorm", "evonorm_s0", "frn_tlu", "none", "analytic", "reparam",
+            "normprop", "analytic+noise", "analytic+learned")
+NOISY = ("analytic+noise", "analytic+learned")
+PREDICTIVE_SAMPLES = 16
+ECE_BINS = 15
 BATCH_SIZES = (1, 2, 4, 8, 32)
 REFERENCE_BATCH = 32
 
@@ -74,11 +86,44 @@ def swap_batchnorm(model: nn.Module, make) -> nn.Module:
     return swapped
 
 
+class As2d(nn.Module):
+    """A 2-D normalization layer applied to 1-D feature maps ``[N, C, L]`` as ``[N, C, L, 1]``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.unsqueeze(-1)).squeeze(-1) if x.dim() == 3 else self.layer(x)
+
+
+def swap_norm_and_activation(model: nn.Module, make) -> nn.Module:
+    """Every ``BatchNorm -> ReLU`` pair of a Sequential replaced by ``make(channels)`` (a normalization with its
+    own activation, like EvoNorm and FRN+TLU) and an Identity."""
+    swapped = copy.deepcopy(model)
+    for sequential in [m for m in swapped.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(sequential) - 1):
+            if isinstance(sequential[i], nn.modules.batchnorm._BatchNorm) and isinstance(sequential[i + 1], nn.ReLU):
+                sequential[i], sequential[i + 1] = make(sequential[i].num_features), nn.Identity()
+    return swapped
+
+
 def variant(model: nn.Module, name: str, stats: graphnorm.InputStats, shape: tuple[int, ...]) -> nn.Module:
+    import timm.layers
+
     if name == "batchnorm":
         return model
     if name == "groupnorm":
         return swap_batchnorm(model, lambda c: nn.GroupNorm(min(8, c), c))
+    if name == "layernorm":
+        return swap_batchnorm(model, lambda c: As2d(timm.layers.LayerNorm2d(c)))
+    if name == "evonorm_s0":
+        return swap_norm_and_activation(model, lambda c: As2d(timm.layers.EvoNorm2dS0(c, groups=min(8, c))))
+    if name == "frn_tlu":
+        return swap_norm_and_activation(model, lambda c: As2d(timm.layers.FilterResponseNormTlu2d(c)))
+    if name == "analytic+learned":
+        return graphnorm.convert(model, stats, input_shape=shape, mode="analytic", noise="learned",
+                                 stochastic_batch=REFERENCE_BATCH)
     if name == "none":
         return swap_batchnorm(model, lambda c: nn.Identity())
     if name == "analytic+noise":
@@ -92,9 +137,10 @@ class Run(GridRun):
 
 
 def sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int, steps: int, lr: float,
-              seed: int) -> tuple[list[float], str | None]:
-    """``steps`` steps of SGD (momentum 0.9, cosine decay from ``lr``) on shuffled batches of ``batch`` examples.
-    Returns the training losses and the error that stopped training early (None when it did not)."""
+              seed: int, kl_weight: float = 0.0) -> tuple[list[float], str | None]:
+    """``steps`` steps of SGD (momentum 0.9, cosine decay from ``lr``) on shuffled batches of ``batch`` examples,
+    the loss plus ``kl_weight`` times :func:`graphnorm.kl_divergence` (learned noise). Returns the training
+    losses and the error that stopped training early (None when it did not)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -106,6 +152,8 @@ def sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int,
         cursor += batch
         try:
             loss = nn.functional.cross_entropy(model(x[indices]), y[indices])
+            if kl_weight:
+                loss = loss + kl_weight * graphnorm.kl_divergence(model)
         except (RuntimeError, ValueError) as err:
             return losses, str(err).splitlines()[0]
         if not math.isfinite(loss.item()):
@@ -118,13 +166,34 @@ def sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int,
     return losses, None
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` in eval mode (its mode is given back)."""
-    training = model.training
-    model.eval()
-    with torch.no_grad():
-        result = (model(x).argmax(1) == y).float().mean().item()
-    model.train(training)
+def expected_calibration_error(probabilities: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE: the mean over ``bins`` equal-width confidence bins of |accuracy - mean confidence|, weighted by the
+    fraction of examples in the bin (Guo et al. 2017)."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == y).float()
+    index = torch.clamp((confidence * bins).long(), max=bins - 1)
+    total = torch.zeros(bins).index_add_(0, index, torch.ones_like(confidence))
+    gap = torch.zeros(bins).index_add_(0, index, confidence - correct).abs()
+    return (gap.sum() / total.sum()).item()
+
+
+def scores(probabilities: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy, NLL and ECE of predicted class probabilities."""
+    return {"accuracy": (probabilities.argmax(1) == y).float().mean().item(),
+            "nll": nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), y).item(),
+            "ece": expected_calibration_error(probabilities, y)}
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predictive: bool) -> dict[str, float]:
+    """Scores of the eval-mode network and, with ``predictive``, of the K-sample predictive; the model's modes
+    are given back."""
+    result = {f"test_{k}": v for k, v in scores(graphnorm.predict(model, x, samples=0), y).items()}
+    if predictive:
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(0)
+        probabilities = graphnorm.predict(model, x, samples=PREDICTIVE_SAMPLES)
+        torch.set_rng_state(generator_state)
+        result |= {f"predictive_{k}": v for k, v in scores(probabilities, y).items()}
     return result
 
 
@@ -139,30 +208,46 @@ def train_one(run: Run) -> dict:
     steps = max(1, int(run.epochs * len(y) / run.batch))
     lr = run.base_lr * run.batch / REFERENCE_BATCH
     start = time.perf_counter()
-    losses, error = sgd_steps(model, x, y, batch=run.batch, steps=steps, lr=lr, seed=run.seed)
+    kl_weight = 1.0 / len(y) if run.variant == "analytic+learned" else 0.0
+    losses, error = sgd_steps(model, x, y, batch=run.batch, steps=steps, lr=lr, seed=run.seed, kl_weight=kl_weight)
     seconds = time.perf_counter() - start
-    test_accuracy = accuracy(model, x_test, y_test) if error is None else None
+    metrics = evaluate(model, x_test, y_test, run.variant in NOISY) if error is None else {}
     last_epoch = max(1, int(len(y) / run.batch))
-    return {**asdict(run), "steps": steps, "lr": lr, "test_accuracy": test_accuracy, "error": error,
+    return {**asdict(run), "steps": steps, "lr": lr, "test_accuracy": metrics.get("test_accuracy"), **metrics,
+            "error": error,
             "final_train_loss": statistics.fmean(losses[-last_epoch:]) if losses else None,
             "seconds_per_epoch": seconds / max(run.epochs, 1e-9)}
 
 
+METRICS = ("test_accuracy", "test_nll", "test_ece", "predictive_accuracy", "predictive_nll", "predictive_ece")
+
+
 def summarize(results: list[dict]) -> list[dict]:
+    """Per (data set, variant, batch): mean and std over seeds of every metric, the final training loss, time."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["variant"], r["batch"]), []).append(r)
     rows = []
     for (dataset, name, batch), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]),
                                                                                 kv[0][2])):
-        accuracies = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
+        row = {"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs), **failures(runs)}
+        for metric in METRICS:
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else None
+            row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         losses = [r["final_train_loss"] for r in runs if r["final_train_loss"] is not None]
-        rows.append({"dataset": dataset, "variant": name, "batch": batch, "seeds": len(runs), **failures(runs),
-                     "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
-                     "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
-                     "train_loss": statistics.fmean(losses) if losses else None,
-                     "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs)})
+        row["accuracy_mean"], row["accuracy_std"] = row["test_accuracy_mean"], row["test_accuracy_std"]
+        row["train_loss"] = statistics.fmean(losses) if losses else None
+        row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
+        rows.append(row)
     return rows
+
+
+def _cell(row: dict, metric: str, scale: float = 1.0, digits: int = 1) -> str:
+    mean = row.get(f"{metric}_mean")
+    if mean is None:
+        return "-"
+    return f"{scale * mean:.{digits}f} ± {scale * row[f'{metric}_std']:.{digits}f}"
 
 
 def main() -> None:
@@ -179,16 +264,16 @@ def main() -> None:
     start = time.perf_counter()
     results = run_grid(train_one, runs, args.workers)
     rows = summarize(results)
-    name = "train_quick" if args.quick else "train"
+    name = "train_quick" if args.quick else "train" if args.epochs == 4.0 else f"train_{args.epochs:g}epochs"
     path = write_result(name, {"args": vars(args), "seconds": time.perf_counter() - start, "runs": results,
                                "rows": rows})
-    print(markdown_table(["data", "variant", "batch", "test accuracy (mean ± std)", "final train loss",
-                          "s/epoch", "failed"],
-                         [[r["dataset"], r["variant"], str(r["batch"]),
-                           "-" if r["accuracy_mean"] is None else f"{100 * r['accuracy_mean']:.1f} ± "
-                                                                    f"{100 * r['accuracy_std']:.1f}",
-                           "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
-                           f"{r['seconds_per_epoch']:.1f}", f"{r['failed']}/{r['seeds']}"] for r in rows]))
+    print(markdown_table(
+        ["data", "variant", "batch", "test accuracy %", "test NLL", "test ECE %", "predictive accuracy %",
+         "predictive NLL", "predictive ECE %", "final train loss", "s/epoch", "failed"],
+        [[r["dataset"], r["variant"], str(r["batch"]), _cell(r, "test_accuracy", 100), _cell(r, "test_nll", 1, 3),
+          _cell(r, "test_ece", 100), _cell(r, "predictive_accuracy", 100), _cell(r, "predictive_nll", 1, 3),
+          _cell(r, "predictive_ece", 100), "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+          f"{r['seconds_per_epoch']:.1f}", f"{r['failed']}/{r['seeds']}"] for r in rows]))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; written to {path.name}")
 
 

@@ -22,8 +22,13 @@ def run_quick(script: str, tmp_path) -> dict:
 def test_quick_training_benchmark(tmp_path) -> None:
     result = run_quick("train", tmp_path)
     variants = {row["variant"] for row in result["rows"]}
-    assert variants == {"batchnorm", "groupnorm", "none", "analytic", "reparam", "normprop", "analytic+noise"}
+    assert variants == {"batchnorm", "groupnorm", "layernorm", "evonorm_s0", "frn_tlu", "none", "analytic",
+                        "reparam", "normprop", "analytic+noise", "analytic+learned"}
     assert all(row["accuracy_mean"] is not None or row["failed"] for row in result["rows"])
+    for row in result["rows"]:  # NLL and ECE for every run, the K-sample predictive for the noisy variants
+        noisy = row["variant"] in ("analytic+noise", "analytic+learned")
+        assert row["test_nll_mean"] > 0 and 0 <= row["test_ece_mean"] <= 1
+        assert (row["predictive_nll_mean"] is not None) == noisy
     graphnorm_rows = [row for row in result["rows"] if row["variant"] in ("analytic", "reparam", "normprop")]
     assert all(row["accuracy_mean"] > 0.5 for row in graphnorm_rows if row["batch"] == 2)
 
