@@ -11,7 +11,12 @@ batch M, :func:`graphnorm.normalizers.batch_noise`) is one fixed such posterior;
   is the noise-free one used in eval) and ``t ~ N(0, sigma_t^2)``, independent, with learned ``log sigma_s``,
   ``log sigma_t``. Initialised at BatchNorm's noise of batch M: ``sigma_s^2 = Var[log s_BN] =
   psi'((M-1)/2)/4`` and ``sigma_t^2 = E[t_BN^2] = 1/(M-3)``.
-- prior, per channel: ``log |gamma'| ~ N(0, lambda_s^2)`` and ``beta' ~ N(0, lambda_b^2)`` (defaults 1).
+- prior, per channel, relative to the point estimates ``(gamma, beta)``: ``log s ~ N(-lambda_s^2/2,
+  lambda_s^2)`` and ``t ~ N(0, lambda_t^2)`` with the spread of BatchNorm's noise of a prior batch size
+  (default: the initial M), so the KL is 0 at initialisation and the posterior leaves BatchNorm's noise only
+  where the data pays for it.
+  A prior on ``gamma'`` itself (e.g. ``log|gamma'| ~ N(0, 1)``) would be infinite at the zero-initialised
+  gammas of residual networks (timm's ``zero_init_last``); a prior on the noise is scale-free.
 - :meth:`LearnedNoise.kl`: ``KL(q || p)`` in closed form (two Gaussian KLs: in log space for the scale),
   summed over channels; :func:`kl_divergence` sums it over a model. The training objective is the variational
   free energy restricted to scale and bias: ``E_q[-log p(D | gamma', beta', W)] + KL / N_train`` per example.
@@ -48,10 +53,12 @@ def batch_noise_log_scale_var(virtual_batch: int) -> float:
 class LearnedNoise(nn.Module):
     """Per-channel variational posterior of the normalization noise (module docstring): parameters
     ``log_sigma_scale`` and ``log_sigma_shift`` ``[C]``, initialised at BatchNorm's noise of ``virtual_batch``;
-    priors ``log|gamma'| ~ N(0, prior_scale_std^2)``, ``beta' ~ N(0, prior_shift_std^2)``."""
+    priors ``log s ~ N(-lambda_s^2/2, lambda_s^2)``, ``t ~ N(0, lambda_t^2)`` with BatchNorm's spread for
+    ``prior_batch``
+    (default ``virtual_batch``)."""
 
     def __init__(self, channels: int, virtual_batch: int, like: torch.Tensor | None = None,
-                 prior_scale_std: float = 1.0, prior_shift_std: float = 1.0):
+                 prior_batch: int | None = None):
         super().__init__()
         factory = {"dtype": torch.float32 if like is None else torch.promote_types(like.dtype, torch.float32),
                    "device": None if like is None else like.device}
@@ -59,8 +66,9 @@ class LearnedNoise(nn.Module):
             torch.full((channels,), 0.5 * math.log(batch_noise_log_scale_var(virtual_batch)), **factory))
         self.log_sigma_shift = nn.Parameter(torch.full((channels,), -0.5 * math.log(virtual_batch - 3.0), **factory))
         self.virtual_batch = virtual_batch
-        self.prior_scale_std = prior_scale_std
-        self.prior_shift_std = prior_shift_std
+        self.prior_batch = virtual_batch if prior_batch is None else prior_batch
+        self.prior_scale_std = math.sqrt(batch_noise_log_scale_var(self.prior_batch))
+        self.prior_shift_std = 1.0 / math.sqrt(self.prior_batch - 3.0)
 
     def sample(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale ``s`` and shift ``t``, each ``[batch, C]``, reparameterized (differentiable in the sigmas), drawn
@@ -76,29 +84,25 @@ class LearnedNoise(nn.Module):
         variance = torch.exp(2 * self.log_sigma_scale)
         return torch.ones_like(variance), torch.exp(variance), torch.exp(2 * self.log_sigma_shift)
 
-    def kl(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """``KL(q || p)`` summed over channels for the normalizer's ``gamma`` (``weight``) and ``beta``
-        (``bias``; 1 and 0 when absent): the Gaussian KL of ``log|gamma'| ~ N(log|gamma| - sigma_s^2/2,
-        sigma_s^2)`` against ``N(0, lambda_s^2)`` plus that of ``beta' ~ N(beta, gamma^2 sigma_t^2)`` against
-        ``N(0, lambda_b^2)``."""
+    def kl(self) -> torch.Tensor:
+        """``KL(q || p)`` summed over channels: the Gaussian KL of ``log s ~ N(-sigma_s^2/2, sigma_s^2)`` against
+        ``N(-lambda_s^2/2, lambda_s^2)`` plus that of ``t ~ N(0, sigma_t^2)`` against ``N(0, lambda_t^2)``."""
         sigma_s, sigma_t = self.log_sigma_scale.exp(), self.log_sigma_shift.exp()
-        gamma = torch.ones_like(sigma_s) if weight is None else weight.to(sigma_s.dtype)
-        beta = torch.zeros_like(sigma_s) if bias is None else bias.to(sigma_s.dtype)
-        log_gamma = torch.log(gamma.abs().clamp_min(torch.finfo(sigma_s.dtype).tiny))
-        scale_kl = _gaussian_kl(log_gamma - 0.5 * sigma_s * sigma_s, sigma_s, self.prior_scale_std)
-        shift_kl = _gaussian_kl(beta, gamma.abs() * sigma_t, self.prior_shift_std)
+        lambda_s = self.prior_scale_std
+        scale_kl = _gaussian_kl(-0.5 * sigma_s * sigma_s, sigma_s, -0.5 * lambda_s * lambda_s, lambda_s)
+        shift_kl = _gaussian_kl(torch.zeros_like(sigma_t), sigma_t, 0.0, self.prior_shift_std)
         return (scale_kl + shift_kl).sum()
 
     def extra_repr(self) -> str:
-        return (f"{self.log_sigma_scale.shape[0]}, initial virtual batch {self.virtual_batch}, prior std "
-                f"{self.prior_scale_std} (log scale), {self.prior_shift_std} (shift)")
+        return (f"{self.log_sigma_scale.shape[0]}, initial virtual batch {self.virtual_batch}, prior: BatchNorm "
+                f"noise of batch {self.prior_batch}")
 
 
-def _gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
-    """``KL(N(mean, std^2) || N(0, prior_std^2))``."""
+def _gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_mean: float, prior_std: float) -> torch.Tensor:
+    """``KL(N(mean, std^2) || N(prior_mean, prior_std^2))``."""
     ratio = std / prior_std
     log_ratio = torch.log(ratio.clamp_min(torch.finfo(std.dtype).tiny))
-    return -log_ratio + 0.5 * (ratio * ratio + (mean / prior_std) ** 2 - 1)
+    return -log_ratio + 0.5 * (ratio * ratio + ((mean - prior_mean) / prior_std) ** 2 - 1)
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:

@@ -183,7 +183,7 @@ class AnalyticNorm(nn.Module):
 
     def noise_kl(self) -> torch.Tensor:
         """The KL term of this normalizer's learned noise (:meth:`graphnorm.noise.LearnedNoise.kl`)."""
-        return self.noise.kl(self.weight, self.bias)
+        return self.noise.kl()
 
     def normalizing_statistics(self, statistics: tuple[torch.Tensor, torch.Tensor] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +260,7 @@ class BatchNoise(nn.Module):
 
     def noise_kl(self) -> torch.Tensor:
         """The KL term of this noise's learned posterior (:meth:`graphnorm.noise.LearnedNoise.kl`)."""
-        return self.noise.kl(self.weight, self.bias)
+        return self.noise.kl()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
