@@ -177,6 +177,11 @@ def expected_calibration_error(probabilities: torch.Tensor, y: torch.Tensor, bin
     return (gap.sum() / total.sum()).item()
 
 
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` in eval mode (its modes are given back)."""
+    return scores(graphnorm.predict(model, x, samples=0), y)["accuracy"]
+
+
 def scores(probabilities: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy, NLL and ECE of predicted class probabilities."""
     return {"accuracy": (probabilities.argmax(1) == y).float().mean().item(),
