@@ -232,6 +232,11 @@ def _model_input_options(command: Callable) -> Callable:
     return command
 
 
+def _consent(trust_pickle: bool, trust_code: bool, allowed_packages: tuple[str, ...]) -> dict[str, Any]:
+    """The loading consent the command line gives, as :func:`graphnorm.loading.load_model` keywords."""
+    return {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
+
+
 def _load_inputs(run: _Run, model_source: str, weights: str | None, trust: dict[str, Any], input_shape: str | None,
                  input_mean: str | None, input_std: str | None, input_data: str | None
                  ) -> tuple[LoadedModel, tuple[int, ...], InputStats]:
@@ -325,7 +330,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         raise InputError("OUTPUT must end in .onnx or .pt", param_hint="OUTPUT")
     if output.exists() and not force:
         raise InputError(f"{output} exists; pass --force to overwrite it")
-    trust = {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
+    trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
                                         input_data)
     if output.suffix == ".pt" and loaded.spec is None:
@@ -433,7 +438,7 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
             raise InputError("the plot file must end in .png", param_hint="--plot")
         if plot_path.exists() and not force:
             raise InputError(f"{plot_path} exists; pass --force to overwrite it")
-    trust = {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
+    trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
                                         input_data)
     samples_data = None

@@ -230,7 +230,8 @@ class _PendingCalibration:
 
 class _Rewriter:
     def __init__(self, graph_module: fx.GraphModule, propagator: MomentPropagator, table: MomentTable,
-                 eps: float | None, log: ConversionLog, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+                 eps: float | None, log: ConversionLog, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 noise: str = "batch"):
         self.gm = graph_module
         self.graph = graph_module.graph
         self.propagator = propagator
@@ -238,7 +239,7 @@ class _Rewriter:
         self.eps = eps
         self.log = log
         self.targets = targets  # BatchNorm node -> (mean, var) to calibrate to
-        self.noise = "batch"  # the kind of noise of noisy normalizers (graphnorm.normalizers.NOISE_KINDS)
+        self.noise = noise  # the kind of noise of noisy normalizers (graphnorm.normalizers.NOISE_KINDS)
         self.pending: list[_PendingCalibration] = []
         self.analytic_sites: list[tuple[str, str]] = []
         self.reparam_sites: list[tuple[str, str]] = []
@@ -471,8 +472,7 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     log.calibration, selected = resolve_calibration(calibrate, mode, sites, data)
     log.trained_sites = sum(has_trained_statistics(site) for site in sites)
     targets = _calibration_targets(graph_module, sites, log.calibration, selected, data)
-    rewriter = _Rewriter(graph_module, propagator, table, eps, log, targets)
-    rewriter.noise = noise
+    rewriter = _Rewriter(graph_module, propagator, table, eps, log, targets, noise)
     for site in sites:
         if mode == "analytic":
             rewriter.analytic(site, stochastic_batch)
