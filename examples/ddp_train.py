@@ -71,6 +71,7 @@ def main() -> None:
         accuracy = (model(images.to(device)).argmax(1).cpu() == labels).float().mean().item()
     if rank == 0:
         print(f"accuracy on the 1797 digits: {accuracy:.3f} ({world} ranks x batch {args.batch_per_rank})")
+    dist.barrier()  # every rank finished before any tears its process group down
     dist.destroy_process_group()
 
 

@@ -98,5 +98,8 @@ def run(rank: int, world: int, port: int, kind: str, out: str) -> None:
         if rank == 0:
             torch.save({"state": {k: v.cpu() for k, v in model.module.state_dict().items()}, "counts": dict(counts)},
                        out)
+        # Both ranks done before either tears down: a rank that destroys its gloo group while its peer still
+        # talks to it can abort the peer ("terminate called without an active exception"), seen once in CI.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
