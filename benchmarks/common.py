@@ -10,7 +10,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -89,12 +89,47 @@ def grid_parser(description: str, *, variants: Sequence[str], batches: Sequence[
     return parser
 
 
-def run_grid(function: Callable[[object], dict], jobs: list, workers: int) -> list[dict]:
-    """``function`` over ``jobs``, in ``workers`` spawned processes when more than one."""
+def _keyed_call(task: tuple[Callable[[object], dict], str, object]) -> tuple[str, dict]:
+    function, key, job = task
+    return key, function(job)
+
+
+def run_grid(function: Callable[[object], dict], jobs: list, workers: int, journal: Path | None = None
+             ) -> list[dict]:
+    """``function`` over ``jobs``, in ``workers`` spawned processes when more than one.
+
+    With a ``journal`` (a JSON-lines file), every finished job is appended to it as it finishes, and jobs
+    already recorded there by an earlier, interrupted call with the same jobs are not run again: a grid of
+    hours resumes where it stopped. The journal is removed once the whole grid is done.
+    """
+    done: dict[str, dict] = {}
+    if journal is not None and journal.exists():
+        for line in journal.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else None
+            if entry:
+                done[entry["job"]] = entry["result"]
+    keys = [json.dumps(asdict(job), sort_keys=True) if is_dataclass(job) else repr(job) for job in jobs]
+    todo = [(key, job) for key, job in zip(keys, jobs, strict=True) if key not in done]
+    if done:
+        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already in {journal}")
+
+    def record(key: str, result: dict) -> None:
+        done[key] = result
+        if journal is not None:
+            with open(journal, "a") as out:
+                out.write(json.dumps({"job": key, "result": result}) + "\n")
+
     if workers <= 1:
-        return [function(job) for job in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return pool.map(function, jobs, chunksize=1)
+        for key, job in todo:
+            record(key, function(job))
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            tasks = [(function, key, job) for key, job in todo]
+            for key, result in pool.imap_unordered(_keyed_call, tasks, chunksize=1):
+                record(key, result)
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+    return [done[key] for key in keys]
 
 
 def failures(runs: list[dict]) -> dict[str, object]:

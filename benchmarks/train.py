@@ -15,7 +15,11 @@ its KL term weighted 1/N_train, ``+learned``) also of the K-sample predictive (`
 
     python benchmarks/train.py --quick        # smoke run, under 2 minutes (part of the test suite)
     python benchmarks/train.py --workers 2    # the whole grid, 4 epochs
-    python benchmarks/train.py --workers 2 --epochs 30 --batches 1 2 32   # the long schedule
+    python benchmarks/train.py --workers 2 --epochs 32 --batches 2 32 \\
+        --variants batchnorm groupnorm evonorm_s0 frn_tlu analytic analytic+noise analytic+learned  # long schedule
+
+A long grid records each finished run in ``results/NAME.journal.jsonl``; run the same command again after an
+interruption and it resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from common import GridRun, failures, grid_parser, markdown_table, run_grid, write_result
+from common import RESULTS, GridRun, failures, grid_parser, markdown_table, run_grid, write_result
 
 import graphnorm
 from graphnorm.zoo import DigitsCNN
@@ -266,10 +270,10 @@ def main() -> None:
         args.datasets, args.batches, args.seeds, args.epochs, limit = ["digits"], [2, 32], 1, 1.0, 400
     runs = [Run(d, v, b, s, args.epochs, args.base_lr, limit) for d in args.datasets for v in args.variants
             for b in args.batches for s in range(args.seeds)]
-    start = time.perf_counter()
-    results = run_grid(train_one, runs, args.workers)
-    rows = summarize(results)
     name = "train_quick" if args.quick else "train" if args.epochs == 4.0 else f"train_{args.epochs:g}epochs"
+    start = time.perf_counter()
+    results = run_grid(train_one, runs, args.workers, journal=None if args.quick else RESULTS / f"{name}.journal.jsonl")
+    rows = summarize(results)
     path = write_result(name, {"args": vars(args), "seconds": time.perf_counter() - start, "runs": results,
                                "rows": rows})
     print(markdown_table(

@@ -43,3 +43,34 @@ def test_quick_finetune_benchmark(tmp_path) -> None:
     start = rows["batchnorm"]["before"]
     assert all(rows[name]["before"] == start for name in ("frozen", "bn-eval", "analytic", "reparam", "normprop"))
     assert all(row["after_mean"] > row["before"] for row in rows.values())
+
+
+def _square_or_fail(job: int) -> dict:
+    if job < 0:
+        raise RuntimeError("interrupted")
+    return {"job": job, "square": job * job}
+
+
+def test_grid_resumes_from_its_journal(tmp_path, monkeypatch) -> None:
+    """A grid interrupted part-way keeps its finished runs in the journal and runs only the rest next time."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from common import run_grid
+
+    journal = tmp_path / "grid.journal.jsonl"
+    calls: list[int] = []
+
+    def counted(job: int) -> dict:
+        calls.append(job)
+        return _square_or_fail(job)
+
+    try:  # the third job "interrupts" the grid after two finished
+        run_grid(counted, [1, 2, -3, 4], workers=1, journal=journal)
+    except RuntimeError:
+        pass
+    assert len(journal.read_text().splitlines()) == 2
+    calls.clear()
+    results = run_grid(counted, [1, 2, 3, 4], workers=1, journal=journal)
+    assert calls == [3, 4]
+    assert [r["square"] for r in results] == [1, 4, 9, 16]
+    assert not journal.exists()
+    assert [r["square"] for r in run_grid(_square_or_fail, [5, 6], workers=2, journal=journal)] == [25, 36]
