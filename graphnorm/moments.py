@@ -13,6 +13,11 @@ Rules read whichever resolution they need: ``unit_mean``/``unit_var`` broadcast 
 (no copy), ``mean``/``var`` mix unit maps into channels. A richer representation (neighbour covariances, say)
 would be one more optional field here; rules that do not know it keep working on mean and variance.
 
+``correlation`` (set on the model input only, from :class:`~graphnorm.InputStats`) is a stationary
+correlation template ``[C, C, 2r+1, ...]``: ``cov(x_cp, x_dq) = rho_cd(q - p) sigma_cp sigma_dq``. Linear
+maps that read it (conv, linear) use it for an exact variance; every other rule ignores it, and no rule's
+output carries it.
+
 ``monotone_of`` records that this activation is ``f(X)`` for a non-decreasing elementwise ``f`` applied to a
 Gaussian-modelled ``X``. Max-pooling uses it: ``maxpool(f(X)) = f(maxpool(X))`` exactly, so pooling the
 Gaussian pre-activation and then applying ``f``'s rule avoids treating a rectified variable as Gaussian.
@@ -53,6 +58,7 @@ class Moments:
     spread: torch.Tensor
     shape: tuple[int, ...]
     monotone_of: MonotoneSource | None = None
+    correlation: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.loc.shape) != tuple(self.spread.shape):

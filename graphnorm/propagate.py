@@ -194,15 +194,28 @@ class MomentPropagator:
     def run(self, stats: InputStats) -> MomentTable:
         """One propagation pass from ``stats`` through the current parameters."""
         stats.validate_for(self.input_shape)
-        return self.run_moments(stats.mean.to(self.dtype), stats.var.to(self.dtype))
+        if not stats.is_per_position and stats.correlation is None:
+            return self.run_moments(stats.mean.to(self.dtype), stats.var.to(self.dtype))
+        if stats.is_per_position:
+            inputs = Moments.per_unit(stats.mean_map.to(self.dtype), stats.var_map.to(self.dtype))
+        else:
+            inputs = self._input_moments(stats.mean.to(self.dtype), stats.var.to(self.dtype))
+        correlation = stats.correlation.to(self.dtype) if stats.correlation is not None else None
+        return self._run(Moments(inputs.loc, inputs.spread, inputs.shape, correlation=correlation))
 
     def run_moments(self, mean: torch.Tensor, var: torch.Tensor) -> MomentTable:
         """One pass from per-channel input ``mean``/``var`` tensors (not validated; this is the form recorded
         into a statistics program, :mod:`graphnorm.program`)."""
-        interpreter = _MomentInterpreter(self)
+        return self._run(self._input_moments(mean, var))
+
+    def _input_moments(self, mean: torch.Tensor, var: torch.Tensor) -> Moments:
         inputs = Moments.per_channel(mean, var, self.input_shape[1:])
         if self.spatial and len(self.input_shape) > 2:
             inputs = Moments.per_unit(inputs.unit_mean, inputs.unit_var)
+        return inputs
+
+    def _run(self, inputs: Moments) -> MomentTable:
+        interpreter = _MomentInterpreter(self)
         interpreter.run(inputs, *self.extra_inputs)
         return MomentTable(interpreter.moments, self.info)
 

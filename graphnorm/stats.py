@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputStatsError
+from .unit_stats import OffsetCorrelation, UnitAccumulator
 
 __all__ = ["ChannelAccumulator", "InputStats"]
 
@@ -37,11 +38,25 @@ def _as_vector(name: str, value: Any) -> torch.Tensor:
 
 
 class InputStats:
-    """Mean and variance per input channel.
+    """Mean and variance per input channel, optionally with per-position maps and a correlation template.
 
     ``InputStats(mean, std)`` or ``InputStats(mean, var=var)``; a scalar broadcasts to every channel only
     when the other argument fixes the channel count. Values are kept in float64.
+
+    Richer descriptions of real inputs (see :mod:`graphnorm.unit_stats`), usually from
+    ``from_data(..., per_position=True, patch_covariance=k)``:
+
+    - ``mean_map``/``var_map`` ``[C, *S]``: moments per channel and position (``mean``/``var`` are then their
+      mixture over positions). Propagation starts per unit from them, so the first layers see where the
+      input is bright, blank or noisy.
+    - ``correlation`` ``[C, C, 2r+1, ...]``: the correlation of channel ``c`` at ``p`` with channel ``d`` at
+      ``p + delta`` (``[F, F]`` for feature vectors). Convolutions and Linear layers reading the input then
+      use the covariance ``rho sigma_p sigma_q`` of what they sum instead of assuming independence.
     """
+
+    mean_map: torch.Tensor | None = None
+    var_map: torch.Tensor | None = None
+    correlation: torch.Tensor | None = None
 
     def __init__(self, mean: Any, std: Any = None, *, var: Any = None):
         if (std is None) == (var is None):
@@ -80,23 +95,90 @@ class InputStats:
         return cls(torch.zeros(channels), torch.ones(channels))
 
     @classmethod
-    def from_data(cls, data: Any) -> InputStats:
-        """Per-channel mean and (population) variance of samples.
+    def per_position(cls, mean_map: Any, var_map: Any, *, correlation: Any = None) -> InputStats:
+        """Statistics given per channel and position (``[C, *S]`` maps); the channel moments are their mixture."""
+        mean_map = torch.as_tensor(mean_map, dtype=torch.float64).detach().clone()
+        var_map = torch.as_tensor(var_map, dtype=torch.float64).detach().clone()
+        if mean_map.shape != var_map.shape or mean_map.dim() < 2:
+            raise InputStatsError(f"mean and variance maps must both be [C, *S] of one shape, got "
+                                  f"{tuple(mean_map.shape)} and {tuple(var_map.shape)}")
+        if not (torch.isfinite(mean_map).all() and torch.isfinite(var_map).all()) or (var_map < 0).any():
+            raise InputStatsError("mean and variance maps must be finite, with variances >= 0")
+        flat_mean, flat_var = mean_map.flatten(1), var_map.flatten(1)
+        channel_mean = flat_mean.mean(1)
+        channel_var = ((flat_var + flat_mean.square()).mean(1) - channel_mean.square()).clamp_min(0)
+        stats = cls(channel_mean, var=channel_var)
+        stats.mean_map, stats.var_map = mean_map, var_map
+        return stats.with_correlation(correlation) if correlation is not None else stats
+
+    def with_correlation(self, correlation: Any) -> InputStats:
+        """A copy with the correlation template ``[C, C, 2r+1, ...]`` (or ``[F, F]``) set."""
+        correlation = torch.as_tensor(correlation, dtype=torch.float64).detach().clone()
+        channels = self.channels
+        window = correlation.shape[2:]
+        if (correlation.dim() < 2 or correlation.shape[:2] != (channels, channels)
+                or any(size % 2 == 0 for size in window)):
+            raise InputStatsError(f"correlation must be [C, C, 2r+1, ...] with C = {channels}, got "
+                                  f"{tuple(correlation.shape)}")
+        if not torch.isfinite(correlation).all() or correlation.abs().max() > 1 + 1e-6:
+            raise InputStatsError("correlation values must be finite and within [-1, 1]")
+        copy = InputStats(self.mean, var=self.var)
+        copy.mean_map, copy.var_map, copy.correlation = self.mean_map, self.var_map, correlation
+        return copy
+
+    @property
+    def is_per_position(self) -> bool:
+        return self.mean_map is not None
+
+    @classmethod
+    def from_data(cls, data: Any, *, per_position: bool = False, patch_covariance: int | None = None
+                  ) -> InputStats:
+        """Mean and (population) variance of samples per channel, in one streaming pass.
 
         ``data`` is a tensor or array ``[N, C, ...]`` (or ``[N, F]``), or an iterable of such batches, or of
         ``(x, y, ...)`` tuples whose first element is the batch (a DataLoader works).
+
+        ``per_position=True`` also keeps mean and variance maps per position (all samples must share one
+        size). ``patch_covariance=k`` also estimates the correlation between any two inputs a ``k``-wide
+        kernel reads (offsets up to ``k - 1`` along each spatial dim; the full feature correlation matrix
+        for ``[N, F]`` data), see :mod:`graphnorm.unit_stats`.
         """
+        if patch_covariance is not None and (not isinstance(patch_covariance, int) or patch_covariance < 1):
+            raise InputStatsError(f"patch_covariance must be a kernel width >= 1, got {patch_covariance!r}")
+        rich = per_position or patch_covariance is not None
         accumulator = _ValidatedChannelMoments()
+        units = UnitAccumulator() if rich else None
+        offsets = OffsetCorrelation(patch_covariance - 1) if patch_covariance is not None else None
         for batch in iter_batches(data):
             accumulator.add(batch)
-        return accumulator.result()
+            if units is not None:
+                units.add(batch)
+            if offsets is not None:
+                offsets.add(batch)
+        stats = accumulator.result()
+        if units is None:
+            return stats
+        mean_map, var_map = units.mean, units.var
+        if per_position and mean_map.dim() > 1:
+            stats = cls.per_position(mean_map, var_map)
+        if offsets is not None:
+            unit_mean = mean_map if mean_map.dim() > 0 else mean_map.reshape(-1)
+            stats = stats.with_correlation(offsets.result(unit_mean, var_map, per_position and mean_map.dim() > 1))
+        return stats
 
     def sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A batch of shape ``shape`` (``[N, C, ...]``) drawn from N(mean_c, var_c), independent per entry."""
+        """A batch of shape ``shape`` (``[N, C, ...]``) drawn from N(mean_c, var_c) (or from the per-position
+        maps), independent per entry. Statistics with a correlation template cannot be sampled this way: the
+        draws would lack the correlation the propagation assumes."""
         self.validate_for(tuple(shape))
-        broadcast = (1, -1) + (1,) * (len(shape) - 2)
+        if self.correlation is not None:
+            raise InputStatsError("input statistics with a correlation template describe real data; measure "
+                                  "on that data (data=...) rather than on independent Gaussian draws")
         noise = torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        if self.mean_map is not None:
+            return self.mean_map.to(dtype) + self.var_map.sqrt().to(dtype) * noise
+        broadcast = (1, -1) + (1,) * (len(shape) - 2)
         return self.mean.to(dtype).reshape(broadcast) + self.std.to(dtype).reshape(broadcast) * noise
 
     def validate_for(self, input_shape: tuple[int, ...]) -> None:
@@ -110,13 +192,27 @@ class InputStats:
                 f"input statistics have {self.channels} channels but input_shape {tuple(input_shape)} has "
                 f"{input_shape[1]} in dim 1; give one mean/std per channel"
             )
+        if self.mean_map is not None and tuple(self.mean_map.shape[1:]) != tuple(input_shape[2:]):
+            raise InputStatsError(
+                f"input statistics are per position for inputs of size {tuple(self.mean_map.shape[1:])} but "
+                f"input_shape {tuple(input_shape)} has size {tuple(input_shape[2:])}; use the same size or "
+                "per-channel statistics (per_position=False)")
+        if self.correlation is not None and self.correlation.dim() - 2 not in (0, len(input_shape) - 2):
+            raise InputStatsError(
+                f"the input correlation has {self.correlation.dim() - 2} spatial dims but input_shape "
+                f"{tuple(input_shape)} has {len(input_shape) - 2}")
 
     def __repr__(self) -> str:
         def fmt(values: torch.Tensor) -> str:
             shown = ", ".join(f"{v:.4g}" for v in values[:8].tolist())
             return f"[{shown}{', ...' if values.numel() > 8 else ''}]"
 
-        return f"InputStats(channels={self.channels}, mean={fmt(self.mean)}, std={fmt(self.std)})"
+        extras = ""
+        if self.mean_map is not None:
+            extras += f", per_position={tuple(self.mean_map.shape[1:])}"
+        if self.correlation is not None:
+            extras += f", correlation={tuple(self.correlation.shape)}"
+        return f"InputStats(channels={self.channels}, mean={fmt(self.mean)}, std={fmt(self.std)}{extras})"
 
 
 def iter_batches(data: Any) -> Iterable[torch.Tensor]:

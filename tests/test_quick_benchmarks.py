@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
@@ -63,10 +65,8 @@ def test_grid_resumes_from_its_journal(tmp_path, monkeypatch) -> None:
         calls.append(job)
         return _square_or_fail(job)
 
-    try:  # the third job "interrupts" the grid after two finished
+    with pytest.raises(RuntimeError):  # the third job "interrupts" the grid after two finished
         run_grid(counted, [1, 2, -3, 4], workers=1, journal=journal)
-    except RuntimeError:
-        pass
     assert len(journal.read_text().splitlines()) == 2
     calls.clear()
     results = run_grid(counted, [1, 2, 3, 4], workers=1, journal=journal)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..moments import Moments
 from . import moment_rule
+from .correlated import correlated_conv_variance, correlated_linear_variance
 from .kernels import kernel_moments
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -37,6 +38,8 @@ def linear(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None
     Feature vectors ``[F]`` are exact per unit; on ``[C, ..., F]`` inputs the rule works on unit maps."""
     if len(x.shape) == 1:
         mean, var = kernel_moments(weight, x.loc, x.spread)
+        if x.correlation is not None:
+            var = correlated_linear_variance(x.spread.sqrt(), x.correlation, weight)
         return Moments.per_channel(mean if bias is None else mean + bias, var, (weight.shape[0],))
     mean = F.linear(x.unit_mean, weight, bias)
     var = F.linear(x.unit_var, weight * weight)
@@ -60,8 +63,16 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
 
     Assumes independent inputs (AP2). Per-channel mode ignores border effects of padding; per-unit mode is
     exact for zero padding and treats reflected/replicated border copies as independent (an approximation).
+    An input with a correlation template (the model input, :mod:`.correlated`) gets the variance of the sum
+    of correlated inputs instead.
     """
     dims = weight.dim() - 2
+    if x.correlation is not None and padding_mode == "zeros":
+        independent = conv(Moments(x.loc, x.spread, x.shape), weight=weight, bias=bias, stride=stride,
+                                       padding=padding, dilation=dilation, groups=groups, out_shape=out_shape)
+        var = correlated_conv_variance(x.spread.sqrt(), x.correlation, weight, stride=stride, padding=padding,
+                                       dilation=dilation, groups=groups, per_unit=x.is_per_unit)
+        return Moments(independent.loc, var, independent.shape)
     if x.is_per_unit:
         square = weight * weight
         conv_fn = _CONV[dims]
