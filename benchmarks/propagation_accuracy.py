@@ -1,66 +1,154 @@
-"""Accuracy of analytic moment propagation on torchvision networks at initialization.
+"""Accuracy of analytic moment propagation: torchvision networks at initialization, and the trained digits CNN
+on the real digits.
 
-For each network, every BatchNorm is recalibrated to the analytic statistics (data-free), then the analytic
-per-channel std at every BatchNorm input is compared with the std measured on Gaussian inputs. Reported per
-network and mode: the median over BatchNorm inputs of the per-channel median relative error, the worst such
-median, and the worst single channel.
+Torchvision networks (random weights, seed 0; N(0, 1) input): every BatchNorm is set to the analytic statistics
+of its input (data-free recalibration, what ``fixed`` mode does), then the analytic per-channel std at every
+BatchNorm input is compared with the std measured on drawn inputs, per channel and per unit. Reported per
+network, size and representation: the median over BatchNorm inputs of the per-channel median relative error,
+the worst such median, the median analytic/measured ratio, the noise floor of the measurement (the same
+statistic between the two halves of the samples, divided by 2: what sampling alone contributes), and the
+propagation time relative to per-channel propagation.
 
-    python benchmarks/propagation_accuracy.py            # 64x64, 256 samples (about 2 minutes)
-    python benchmarks/propagation_accuracy.py --size 224 --models resnet18
+Digits CNN (graphnorm's bundled fixture, trained; the 1797 sklearn digits): ``graphnorm.inspect`` with the
+BatchNorms as trained, from per-channel input statistics, per-position maps, and per-position maps with the
+3x3 patch correlation; std error and mean error (in measured std) at the BatchNorm inputs.
+
+    python benchmarks/propagation_accuracy.py                    # everything (about 30 minutes)
+    python benchmarks/propagation_accuracy.py --sizes 64 --models resnet18 --no-digits
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import statistics
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 from common import announce, markdown_table, write_result
+from sklearn.datasets import load_digits
 
+import graphnorm
 from graphnorm import InputStats
-from graphnorm.compare import compare_batchnorm_inputs
+from graphnorm.loading import load_model
+from graphnorm.measure import analytic_batchnorm_statistics, measure
+from graphnorm.propagate import MomentPropagator, auto_spatial
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "efficientnet_b0")
+SAMPLES = {64: 1024, 224: 256}
+
+
+def _median_errors(analytic: dict[str, torch.Tensor], measured: dict[str, torch.Tensor]) -> list[float]:
+    return [((analytic[n] - measured[n]).abs() / measured[n]).median().item() for n in analytic]
+
+
+def _pooled_std(first, second) -> torch.Tensor:
+    """Std of the union of two equal-size halves from their accumulators."""
+    mean = (first.mean + second.mean) / 2
+    return ((first.var + second.var) / 2 + (first.mean - mean).square()).sqrt()
+
+
+def _propagation_seconds(propagator: MomentPropagator, stats: InputStats, repeats: int = 3) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            propagator.run(stats)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def evaluate(name: str, size: int, samples: int, batch: int, spatial: bool) -> dict:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
+    model = getattr(torchvision.models, name)(weights=None).eval()
     stats = InputStats.standard(3)
+    propagator = MomentPropagator(copy.deepcopy(model), (1, 3, size, size), spatial=spatial, batch_norm="analytic")
+    with torch.no_grad():
+        table = propagator.run(stats)
+    graph_module = propagator.graph_module
+    inputs = [n.args[0].name for n in graph_module.graph.nodes if n.meta.get("graphnorm.op") == "batch_norm"]
+    overrides = analytic_batchnorm_statistics(graph_module, table)
     generator = torch.Generator().manual_seed(1)
-    batches = (stats.sample((batch, 3, size, size), generator=generator) for _ in range(samples // batch))
+    batches = [stats.sample((batch, 3, size, size), generator=generator) for _ in range(samples // batch)]
+    half = len(batches) // 2
     start = time.perf_counter()
-    comparisons = compare_batchnorm_inputs(model, stats, (1, 3, size, size), batches, spatial=spatial)
-    medians = torch.stack([c.relative_error.median() for c in comparisons])
-    worst_channel = max(c.relative_error.max().item() for c in comparisons)
-    ratio = torch.cat([c.analytic / c.measured for c in comparisons])
+    first = measure(graph_module, batches[:half], inputs, batchnorm_statistics=overrides)
+    second = measure(graph_module, batches[half:], inputs, batchnorm_statistics=overrides)
+    measure_seconds = time.perf_counter() - start
+    analytic = {n: table[n].std.double() for n in inputs}
+    measured = {n: _pooled_std(first[n], second[n]) for n in inputs}
+    medians = _median_errors(analytic, measured)
+    halves = _median_errors({n: first[n].var.sqrt() for n in inputs}, {n: second[n].var.sqrt() for n in inputs})
+    ratio = torch.cat([analytic[n] / measured[n] for n in inputs])
     return {
         "model": name, "size": size, "samples": samples, "mode": "per-unit" if spatial else "per-channel",
-        "batchnorm_inputs": len(comparisons),
-        "median_error": medians.median().item(), "worst_median_error": medians.max().item(),
-        "worst_channel_error": worst_channel,
+        "auto_mode": "per-unit" if auto_spatial((1, 3, size, size), stats) else "per-channel",
+        "batchnorm_inputs": len(inputs), "median_error": statistics.median(medians), "worst_median_error": max(medians),
         "analytic_over_measured_median": ratio.median().item(),
-        "per_batchnorm_median_error": {c.node: round(m.item(), 4) for c, m in zip(comparisons, medians, strict=True)},
-        "seconds": round(time.perf_counter() - start, 1),
+        "noise_floor": statistics.median(halves) / 2,
+        "propagation_seconds": _propagation_seconds(propagator, stats),
+        "measure_seconds": round(measure_seconds, 1),
+        "per_batchnorm_median_error": {n: round(m, 4) for n, m in zip(inputs, medians, strict=True)},
     }
+
+
+def digits_rows() -> list[dict]:
+    images = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    loaded = load_model(os.fspath(ROOT / "fixtures" / "digits_cnn.pt"))
+    descriptions = {"per channel": InputStats.from_data(images),
+                    "per position": InputStats.from_data(images, per_position=True),
+                    "per position + 3x3 correlation": InputStats.from_data(images, per_position=True,
+                                                                            patch_covariance=3)}
+    rows = []
+    for input_statistics, stats in descriptions.items():
+        for spatial in (False, True):
+            report = graphnorm.inspect(loaded.model, stats, input_shape=(1, 1, 8, 8), data=images, spatial=spatial,
+                                       progress=False)
+            rows.append({"model": "digits CNN (trained)", "data": "sklearn digits, 1797 images",
+                         "input_statistics": input_statistics, "mode": "per-unit" if spatial else "per-channel",
+                         **report.summary})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11_bn", "mobilenet_v2"])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--samples", type=int, help="inputs drawn per network (default: 1024 at 64, 256 at 224)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--no-digits", action="store_true")
     args = parser.parse_args()
-    rows = [evaluate(name, args.size, args.samples, args.batch, spatial)
-            for name in args.models for spatial in (False, True)]
-    path = write_result(f"propagation_accuracy_{args.size}", {"rows": rows})
-    headers = ["model", "input", "mode", "BN inputs", "median error", "worst median", "worst channel",
-               "analytic/measured"]
-    print(markdown_table(headers, [[r["model"], f"{r['size']}x{r['size']}", r["mode"], str(r["batchnorm_inputs"])]
-                                   + [f"{r[k]:.3f}" for k in ("median_error", "worst_median_error",
-                                                              "worst_channel_error", "analytic_over_measured_median")]
-                                   for r in rows]))
+    rows = []
+    for size in args.sizes:
+        for name in args.models:
+            for spatial in (False, True):
+                rows.append(evaluate(name, size, args.samples or SAMPLES.get(size, 256), args.batch, spatial))
+                print(f"{name} {size} {rows[-1]['mode']}: median {rows[-1]['median_error']:.3f} worst "
+                      f"{rows[-1]['worst_median_error']:.3f}", flush=True)
+    for row in rows:
+        base = next(r for r in rows if (r["model"], r["size"], r["mode"]) == (row["model"], row["size"], "per-channel"))
+        row["time_vs_per_channel"] = row["propagation_seconds"] / base["propagation_seconds"]
+    digits = [] if args.no_digits else digits_rows()
+    path = write_result("propagation_accuracy", {"args": vars(args), "rows": rows, "digits": digits})
+    headers = ["model", "input", "mode", "auto picks", "BN inputs", "median error", "worst median", "analytic/measured",
+               "noise floor", "propagation time vs per-channel"]
+    print(markdown_table(headers, [
+        [r["model"], f"{r['size']}x{r['size']}", r["mode"], "yes" if r["mode"] == r["auto_mode"] else "",
+         str(r["batchnorm_inputs"]), f"{r['median_error']:.3f}", f"{r['worst_median_error']:.3f}",
+         f"{r['analytic_over_measured_median']:.3f}", f"{r['noise_floor']:.3f}", f"{r['time_vs_per_channel']:.1f}x"]
+        for r in rows]))
+    if digits:
+        print()
+        print(markdown_table(
+            ["model", "input statistics", "mode", "std error median", "worst", "mean error median", "worst"],
+            [[r["model"], r["input_statistics"], r["mode"]] + [f"{r[k]:.3f}" for k in (
+                "std_error_median", "std_error_worst", "mean_error_median", "mean_error_worst")] for r in digits]))
     announce(path)
+
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -95,12 +96,14 @@ class _Run:
 
 
 def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float] | None, std: list[float] | None,
-                   data: str | None, run: _Run) -> InputStats:
+                   data: str | None, run: _Run, structure: dict[str, Any]) -> InputStats:
+    if data is None and (structure["per_position"] or structure["patch_covariance"] is not None):
+        raise InputError("--per-position and --patch-covariance describe --input-data FILE; give it")
     if data is not None:
         if mean is not None or std is not None:
             raise InputError("give either --input-data or --input-mean/--input-std, not both")
         try:
-            stats = InputStats.from_data(load_input_data(data))
+            stats = InputStats.from_data(load_input_data(data), **structure)
             stats.validate_for(shape)
         except GraphnormError as err:
             raise _usage(f"--input-data {data}: {first_line(err)}") from err
@@ -219,7 +222,16 @@ def _model_input_options(command: Callable) -> Callable:
                           "torchvision, timm and graphnorm.zoo are always allowed)."),
         click.option("--leaf-module", "leaf_modules", multiple=True,
                      help="Module path to keep as one call when tracing (repeatable)."),
-        click.option("--spatial", is_flag=True, help="Per-unit statistics (exact zero padding; for small images)."),
+        click.option("--spatial/--per-channel", default=None,
+                     help="Propagate per unit (exact zero padding) or per channel. Default: per unit for inputs "
+                          "whose smallest side is <= 128 or with --per-position (convert: in fixed mode only)."),
+        click.option("--per-position", is_flag=True,
+                     help="With --input-data: input mean and variance per position, not only per channel."),
+        click.option("--patch-covariance", type=click.IntRange(min=1), metavar="K",
+                     help="With --input-data: also the input correlation within K-wide patches, used by the "
+                          "layers that read the input."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random initialization of an import-spec MODEL and of drawn samples."),
         click.option("--fallback", type=click.Choice(FALLBACKS), default="sample", show_default=True,
                      help="Ops without a closed-form moment rule: estimate their moments from Gaussian samples, "
                           "or fail listing them all (convert's --strict implies error)."),
@@ -237,11 +249,17 @@ def _consent(trust_pickle: bool, trust_code: bool, allowed_packages: tuple[str, 
     return {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
 
 
+def _structure(per_position: bool, patch_covariance: int | None) -> dict[str, Any]:
+    """What ``InputStats.from_data`` keeps beyond per-channel moments, from the command line."""
+    return {"per_position": per_position, "patch_covariance": patch_covariance}
+
+
 def _load_inputs(run: _Run, model_source: str, weights: str | None, trust: dict[str, Any], input_shape: str | None,
-                 input_mean: str | None, input_std: str | None, input_data: str | None
-                 ) -> tuple[LoadedModel, tuple[int, ...], InputStats]:
+                 input_mean: str | None, input_std: str | None, input_data: str | None, seed: int,
+                 structure: dict[str, Any]) -> tuple[LoadedModel, tuple[int, ...], InputStats]:
     mean, std = _floats(input_mean, "--input-mean"), _floats(input_std, "--input-std")
     shape = _shape(input_shape)
+    torch.manual_seed(seed)  # an import spec builds its model with random initial weights
     try:
         loaded = run.step("loading the model", lambda: load_model(model_source, weights=weights, **trust))
     except ModelLoadError as err:
@@ -250,7 +268,7 @@ def _load_inputs(run: _Run, model_source: str, weights: str | None, trust: dict[
         if "input_shape" not in loaded.defaults:
             raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
         shape = tuple(int(s) for s in loaded.defaults["input_shape"])
-    return loaded, shape, _resolve_stats(loaded, shape, mean, std, input_data, run)
+    return loaded, shape, _resolve_stats(loaded, shape, mean, std, input_data, run, structure)
 
 
 def _fail(run: _Run, err: GraphnormError) -> None:
@@ -314,7 +332,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                     input_std: str | None, input_data: str | None, weights: str | None, trust_pickle: bool,
                     trust_code: bool, allowed_packages: tuple[str, ...], calibrate: str, min_agreement: float,
                     max_output_error: float, agreement_samples: int,
-                    strict: bool, stochastic_batch: int | None, noise: str, normprop_c: float, spatial: bool,
+                    strict: bool, stochastic_batch: int | None, noise: str, normprop_c: float,
+                    spatial: bool | None, per_position: bool, patch_covariance: int | None, seed: int,
                     fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
                     legacy_exporter: bool, verify: bool, rtol: float,
                     atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
@@ -332,7 +351,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         raise InputError(f"{output} exists; pass --force to overwrite it")
     trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
-                                        input_data)
+                                        input_data, seed, _structure(per_position, patch_covariance))
     if output.suffix == ".pt" and loaded.spec is None:
         raise InputError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
     if calibrate == "data" and input_data is None:
@@ -344,7 +363,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         except GraphnormError as err:
             raise _usage(err) from err
     kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch, "noise": noise,
-              "normprop_c": normprop_c, "spatial": spatial, "leaf_modules": list(leaf_modules),
+              "normprop_c": normprop_c, "spatial": "auto" if spatial is None else spatial,
+              "leaf_modules": list(leaf_modules),
               "fallback": "error" if strict else fallback, "fallback_samples": fallback_samples}
     checks = {"calibrate": calibrate, "data": data, "labels": labels, "agreement_samples": agreement_samples}
     _execute(run, loaded, output, stats, kwargs, checks, opset=opset, legacy=legacy_exporter, verify=verify,
@@ -423,8 +443,9 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 @click.option("--force", is_flag=True, help="Overwrite the --plot file if it exists.")
 def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
                     input_data: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
-                    allowed_packages: tuple[str, ...], leaf_modules: tuple[str, ...], spatial: bool,
-                    fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
+                    allowed_packages: tuple[str, ...], leaf_modules: tuple[str, ...], spatial: bool | None,
+                    per_position: bool, patch_covariance: int | None, seed: int, fallback: str,
+                    fallback_samples: int, debug: bool, data: str | None, samples: int,
                     batch_size: int, no_empirical: bool,
                     normalize: str, output_format: str, plot_path: Path | None, only: str | None,
                     force: bool) -> None:
@@ -440,7 +461,7 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
             raise InputError(f"{plot_path} exists; pass --force to overwrite it")
     trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
-                                        input_data)
+                                        input_data, seed, _structure(per_position, patch_covariance))
     samples_data = None
     if data is not None:
         try:
@@ -448,7 +469,8 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
         except GraphnormError as err:
             raise _usage(err) from err
     try:
-        report = inspect(loaded.model, stats, input_shape=shape, data=samples_data, samples=samples, spatial=spatial,
+        report = inspect(loaded.model, stats, input_shape=shape, data=samples_data, samples=samples, seed=seed,
+                         spatial="auto" if spatial is None else spatial,
                          leaf_modules=leaf_modules, batch_size=batch_size, normalize=normalize,
                          empirical=not no_empirical, progress=run.err.is_terminal, fallback=fallback,
                          fallback_samples=fallback_samples)

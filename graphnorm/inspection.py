@@ -15,7 +15,7 @@ from torch import fx
 from .errors import GraphnormError
 from .exported import as_module
 from .measure import analytic_batchnorm_statistics, measure
-from .propagate import MomentPropagator
+from .propagate import MomentPropagator, auto_spatial
 from .report import ChannelSummary, Report, ReportRow, ResidualBranch
 from .sampling import DEFAULT_SAMPLES
 from .stats import InputStats, iter_batches
@@ -36,8 +36,9 @@ def _depths(graph_module: fx.GraphModule) -> dict[str, int]:
     return depth
 
 
-def _sample_batches(stats: InputStats, shape: tuple[int, ...], samples: int, batch_size: int) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def _sample_batches(stats: InputStats, shape: tuple[int, ...], samples: int, batch_size: int, seed: int
+                    ) -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     for start in range(0, samples, batch_size):
         yield stats.sample((min(batch_size, samples - start), *shape[1:]), generator=generator)
 
@@ -56,10 +57,11 @@ def _with_progress(batches: Iterable[torch.Tensor], total: int | None, show: boo
 
 def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, *, input_shape: Iterable[int],
             data: Any = None,
-            samples: int = 1024, spatial: bool = False, leaf_modules: Iterable[type | str] = (),
+            samples: int = 1024, spatial: bool | Literal["auto"] = "auto", leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, batch_size: int = 64,
             normalize: Literal["as-is", "analytic"] = "as-is", empirical: bool = True,
-            progress: bool = True, fallback: str = "sample", fallback_samples: int = DEFAULT_SAMPLES) -> Report:
+            progress: bool = True, fallback: str = "sample", fallback_samples: int = DEFAULT_SAMPLES,
+            seed: int = 0) -> Report:
     """Analytic per-channel statistics of every activation of ``model`` under ``stats``, and, when
     ``empirical``, the same measured on ``data`` (a tensor, an iterable of tensors or ``(x, y)`` pairs) or on
     ``samples`` inputs drawn from ``stats``, streamed in batches of ``batch_size``.
@@ -68,11 +70,17 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     analytic statistics of its input, in both columns (what a converted model does). The model is not
     modified: a copy is traced and run, with no hooks. Ops without a closed-form rule are sampled
     (``fallback``, ``fallback_samples``: see :class:`~graphnorm.MomentPropagator`); their rows say so.
+
+    ``spatial="auto"`` (default) propagates per unit where borders matter
+    (:func:`graphnorm.propagate.auto_spatial`), per channel otherwise; the report states which. The drawn
+    inputs come from a generator seeded with ``seed``, so a report is reproducible.
     """
     if normalize not in ("as-is", "analytic"):
         raise GraphnormError(f"normalize must be 'as-is' or 'analytic', got {normalize!r}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
+    if spatial == "auto":
+        spatial = auto_spatial(input_shape, stats)
     working = copy.deepcopy(as_module(model)).eval()
     propagator = MomentPropagator(working, input_shape, spatial=spatial, leaf_modules=leaf_modules,
                                   concrete_args=concrete_args,
@@ -89,7 +97,7 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     if empirical:
         overrides = analytic_batchnorm_statistics(graph_module, table) if normalize == "analytic" else {}
         if data is None:
-            source, total = _sample_batches(stats, input_shape, samples, batch_size), samples
+            source, total = _sample_batches(stats, input_shape, samples, batch_size, seed), samples
         else:
             source, total = iter_batches(data), None
         seen = [0]
@@ -103,7 +111,17 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
         if row.node in propagator.sampled:
             row.op = propagator.sampled[row.node].target
             row.sampled = propagator.sampled[row.node].reason
-    return Report(type(model).__name__, list(input_shape), normalize, spatial, counted, rows)
+    return Report(type(model).__name__, list(input_shape), normalize, spatial, counted, rows,
+                  seed if empirical and data is None else None, describe_input_statistics(stats))
+
+
+def describe_input_statistics(stats: InputStats) -> str:
+    """How the input is described: "per channel", "per position", plus the correlation template if any."""
+    text = "per position" if stats.is_per_position else "per channel"
+    if stats.correlation is not None:
+        window = "x".join(str(size) for size in stats.correlation.shape[2:]) or "full"
+        text += f" with {window} correlation"
+    return text
 
 
 def _counted(batches: Iterable[torch.Tensor], seen: list[int]) -> Iterator[torch.Tensor]:

@@ -29,7 +29,7 @@ from .sampling import DEFAULT_SAMPLES, CommonRandomNumbers, SampledFallback, Sam
 from .stats import InputStats
 from .trace import INPUT_NAMES, OP_KEY, trace
 
-__all__ = ["MomentPropagator", "MomentTable", "NodeInfo", "propagate"]
+__all__ = ["AUTO_SPATIAL_MAX_SIDE", "MomentPropagator", "MomentTable", "NodeInfo", "auto_spatial", "propagate"]
 
 BatchNormStats = Literal["auto", "running", "analytic"]
 
@@ -218,6 +218,20 @@ class MomentPropagator:
         interpreter = _MomentInterpreter(self)
         interpreter.run(inputs, *self.extra_inputs)
         return MomentTable(interpreter.moments, self.info)
+
+
+# Per-unit propagation is chosen when the input's smallest spatial side is at most this (see auto_spatial).
+AUTO_SPATIAL_MAX_SIDE = 128
+
+
+def auto_spatial(input_shape: tuple[int, ...], stats: InputStats) -> bool:
+    """Whether propagation should keep per-unit maps: for per-position input statistics, and for inputs whose
+    smallest spatial side is at most ``AUTO_SPATIAL_MAX_SIDE`` (a network that downsamples 32x then ends on
+    maps of 4x4 or less, where zero padding touches most positions and per-channel moments are far off:
+    docs/math.md, "Accuracy"). Feature vectors have no positions."""
+    if len(input_shape) <= 2:
+        return False
+    return stats.is_per_position or min(input_shape[2:]) <= AUTO_SPATIAL_MAX_SIDE
 
 
 def propagate(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, input_shape: Iterable[int], *,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from .errors import GraphnormError
-from .propagate import MomentPropagator
+from .propagate import MomentPropagator, auto_spatial
 from .stats import InputStats
 
 __all__ = ["analytic_batchnorm_inputs", "recalibrate_batchnorm"]
@@ -45,10 +45,17 @@ def analytic_batchnorm_inputs(propagator: MomentPropagator, stats: InputStats
     return found
 
 
-def recalibrate_batchnorm(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *, spatial: bool = False,
+def recalibrate_batchnorm(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *,
+                          spatial: bool | Literal["auto"] = "auto",
                           leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None
                           ) -> nn.Module:
-    """A deep copy of ``model`` in eval mode whose BatchNorm running statistics are the analytic ones."""
+    """A deep copy of ``model`` in eval mode whose BatchNorm running statistics are the analytic ones.
+
+    ``spatial="auto"`` propagates per unit where borders matter (:func:`graphnorm.propagate.auto_spatial`),
+    like ``convert(..., mode="fixed")``."""
+    input_shape = tuple(int(size) for size in input_shape)
+    if spatial == "auto":
+        spatial = auto_spatial(input_shape, stats)
     calibrated = copy.deepcopy(model).eval()
     propagator = MomentPropagator(calibrated, input_shape, spatial=spatial, batch_norm="analytic",
                                   leaf_modules=leaf_modules, concrete_args=concrete_args)

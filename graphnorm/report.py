@@ -85,6 +85,8 @@ class Report:
     spatial: bool
     samples: int | None
     rows: list[ReportRow] = field(default_factory=list)
+    seed: int | None = None
+    input_statistics: str = "per channel"
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -102,13 +104,14 @@ class Report:
 
     def only_batchnorm_inputs(self) -> Report:
         return Report(self.model, self.input_shape, self.normalize, self.spatial, self.samples,
-                      [r for r in self.rows if r.batchnorm_input])
+                      [r for r in self.rows if r.batchnorm_input], self.seed, self.input_statistics)
 
     # -- JSON ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "input_shape": list(self.input_shape),
                 "normalize": self.normalize, "spatial": self.spatial, "samples": self.samples,
-                "summary": self.summary, "rows": [asdict(r) for r in self.rows]}
+                "seed": self.seed, "input_statistics": self.input_statistics, "summary": self.summary,
+                "rows": [asdict(r) for r in self.rows]}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -125,7 +128,8 @@ class Report:
             row["measured"] = ChannelSummary(**row["measured"]) if row["measured"] else None
             row["residual_branch"] = ResidualBranch(**row["residual_branch"]) if row["residual_branch"] else None
             rows.append(ReportRow(**row))
-        return cls(data["model"], data["input_shape"], data["normalize"], data["spatial"], data["samples"], rows)
+        return cls(data["model"], data["input_shape"], data["normalize"], data["spatial"], data["samples"], rows,
+                   data.get("seed"), data.get("input_statistics", "per channel"))
 
     # -- text --------------------------------------------------------------------------------------------------------
     _COLUMNS = ("node", "op", "C", "BN in", "mean^2 analytic", "mean^2 measured", "var analytic", "var measured",
@@ -141,8 +145,10 @@ class Report:
 
     def _title(self) -> str:
         samples = f"{self.samples} samples" if self.samples else "no measurement"
-        return (f"{self.model}, input {tuple(self.input_shape)}, normalize {self.normalize}, "
-                f"{'per unit' if self.spatial else 'per channel'}, {samples}")
+        seed = f" (seed {self.seed})" if self.seed is not None and self.samples else ""
+        return (f"{self.model}, input {tuple(self.input_shape)}, normalize {self.normalize}, propagated "
+                f"{'per unit' if self.spatial else 'per channel'} from input statistics {self.input_statistics}, "
+                f"{samples}{seed}")
 
     def _summary_line(self) -> str:
         s = self.summary

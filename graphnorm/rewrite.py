@@ -57,7 +57,7 @@ from .normalizers import (
 )
 from .ops import spelling_of
 from .pickling import make_picklable
-from .propagate import MomentPropagator, MomentTable
+from .propagate import MomentPropagator, MomentTable, auto_spatial
 from .rules.normalizers import REPARAM, raw_layer_output
 from .sampling import DEFAULT_SAMPLES, SampledNode
 from .stats import InputStats
@@ -416,7 +416,8 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
             eps: float | None = None, stochastic_batch: int | None = None, noise: Noise = "batch",
             normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
-            spatial: bool = False, calibrate: Calibrate = "auto", data: Any = None, labels: Any = None,
+            spatial: bool | Literal["auto"] = "auto", calibrate: Calibrate = "auto", data: Any = None,
+            labels: Any = None,
             agreement_samples: int = 16, fallback: Literal["sample", "error"] = "sample",
             fallback_samples: int = DEFAULT_SAMPLES) -> ConvertedModule:
     """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
@@ -428,8 +429,11 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     batch of size M in training; with ``noise="learned"`` that noise is the initial value of a learned
     per-channel posterior over the normalizers' scale and bias (:mod:`graphnorm.noise`; ``stochastic_batch``
     defaults to 32 then), whose KL term :func:`graphnorm.kl_divergence` gives. ``spatial=True`` computes
-    statistics with per-unit moments (exact zero
-    padding; slower, for small images).
+    statistics with per-unit moments (exact zero padding; slower, for small images); ``"auto"`` (default)
+    does so in ``fixed`` mode where borders matter (:func:`graphnorm.propagate.auto_spatial`) and keeps the
+    cheap per-channel form for the modes that recompute statistics every training step. Per-position input
+    statistics and an input correlation template (``InputStats.from_data(..., per_position=True,
+    patch_covariance=k)``) are used by ``fixed`` mode; the trainable modes use their per-channel summary.
 
     ``calibrate`` chooses what the normalizers' statistics are calibrated to (:mod:`graphnorm.calibration`):
     ``"auto"`` (trained running statistics where they exist), ``"running"``, ``"data"`` (measured on ``data``)
@@ -457,6 +461,10 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
         raise GraphnormError(f"agreement_samples must be >= 0, got {agreement_samples}")
     input_shape = tuple(int(s) for s in input_shape)
     stats.validate_for(input_shape)
+    if spatial == "auto":
+        spatial = mode == "fixed" and auto_spatial(input_shape, stats)
+    if mode != "fixed":
+        stats = stats.channel_summary()
     model = as_module(model)  # an ExportedProgram: its graph, layers as modules (the reference of the agreement)
     graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args,
                          input_shape=input_shape)

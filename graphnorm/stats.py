@@ -126,6 +126,10 @@ class InputStats:
         copy.mean_map, copy.var_map, copy.correlation = self.mean_map, self.var_map, correlation
         return copy
 
+    def channel_summary(self) -> InputStats:
+        """The same input described by its per-channel mean and variance only."""
+        return InputStats(self.mean, var=self.var)
+
     @property
     def is_per_position(self) -> bool:
         return self.mean_map is not None

@@ -38,7 +38,8 @@ def test_analytic_columns_equal_propagate_and_measured_columns_equal_hooks() -> 
     model = Residual().eval()
     data = STATS.sample((96, 3, 8, 8), generator=torch.Generator().manual_seed(1))
     report = graphnorm.inspect(model, STATS, input_shape=(1, 3, 8, 8), data=data, batch_size=32, progress=False)
-    table = graphnorm.propagate(model, STATS, (1, 3, 8, 8))
+    assert report.spatial  # the default for an 8x8 input: per unit
+    table = graphnorm.propagate(model, STATS, (1, 3, 8, 8), spatial=True)
     rows = {r.node: r for r in report.rows}
     for name, moments in table.items():
         assert rows[name].analytic.var == pytest.approx(moments.var.mean().item(), rel=1e-6)
@@ -157,3 +158,40 @@ def test_the_table_off_a_terminal_prints_every_number_in_full() -> None:
              for cell in line.strip().strip("|").split("|")}
     missing = sorted(cell for cell in cells if cell and cell not in table.output)
     assert not missing, missing
+
+
+def _inspect_json(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["inspect", *args, "--format", "json", "--only", "bn"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_a_report_is_reproducible_and_says_how_it_was_computed() -> None:
+    """Two runs of one command give one report (the random model and the drawn inputs are seeded); another
+    seed gives another model; the report states seed, representation and input statistics."""
+    args = ("graphnorm.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--samples", "64")
+    first, again, other = _inspect_json(*args), _inspect_json(*args), _inspect_json(*args, "--seed", "1")
+    assert first == again
+    assert first["rows"][0]["analytic"] != other["rows"][0]["analytic"]
+    assert (first["seed"], other["seed"], first["spatial"], first["input_statistics"]) == (0, 1, True, "per channel")
+    forced = _inspect_json(*args, "--per-channel")
+    assert forced["spatial"] is False
+
+
+def test_input_statistics_per_position_with_patch_correlation_from_the_command_line() -> None:
+    data = os.path.join(FIXTURES, "digits_sample.npz")
+    report = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data,
+                           "--per-position", "--patch-covariance", "3")
+    assert report["input_statistics"] == "per position with 5x5 correlation" and report["spatial"] is True
+    plain = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data)
+    first_bn = {r["node"]: r for r in report["rows"]}["features_0"]
+    plain_first_bn = {r["node"]: r for r in plain["rows"]}["features_0"]
+    assert first_bn["std_error_median"] < 0.02 < plain_first_bn["std_error_median"]
+
+
+def test_structure_options_need_input_data() -> None:
+    result = CliRunner().invoke(main, ["inspect", "graphnorm.zoo:DigitsCNN", "--input-shape", "1,1,8,8",
+                                       "--per-position"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --per-position and --patch-covariance describe --input-data FILE; give it"]
