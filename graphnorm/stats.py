@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputStatsError
-from .unit_stats import OffsetCorrelation, UnitAccumulator
+from .unit_stats import OffsetCorrelation, StreamingMoments, UnitAccumulator
 
 __all__ = ["ChannelAccumulator", "InputStats"]
 
@@ -236,40 +236,14 @@ def iter_batches(data: Any) -> Iterable[torch.Tensor]:
         yield torch.as_tensor(item)
 
 
-class ChannelAccumulator:
+class ChannelAccumulator(StreamingMoments):
     """Streaming per-channel (dim 1) count, mean and sum of squared deviations of batches ``[N, C, ...]``,
     merged in float64 with the parallel update of Chan, Golub & LeVeque (1979)."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+    mismatch = "data batches disagree on the channel count"
 
-    def add(self, batch: torch.Tensor) -> None:
-        values = batch.detach().to(torch.float64).transpose(0, 1).reshape(batch.shape[1], -1)
-        count = values.shape[1]
-        if count == 0:
-            return
-        mean = values.mean(dim=1)
-        m2 = (values - mean[:, None]).square().sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        if mean.numel() != self.mean.numel():
-            raise InputStatsError(
-                f"data batches disagree on the channel count: {self.mean.numel()} then {mean.numel()}")
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
-        self.count = total
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Population variance per channel."""
-        if self.m2 is None:
-            raise InputStatsError("no data was added")
-        return self.m2 / self.count
+    def _batch_values(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.transpose(0, 1).reshape(batch.shape[1], -1)
 
 
 class _ValidatedChannelMoments(ChannelAccumulator):

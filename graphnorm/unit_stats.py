@@ -25,31 +25,36 @@ import torch
 
 from .errors import InputStatsError
 
-__all__ = ["OffsetCorrelation", "UnitAccumulator", "offset_slices"]
+__all__ = ["OffsetCorrelation", "StreamingMoments", "UnitAccumulator", "offset_slices"]
 
 
-class UnitAccumulator:
-    """Streaming count, mean and sum of squared deviations per unit (channel and position) of ``[N, C, *S]``
-    batches, merged in float64 with the parallel update of Chan, Golub & LeVeque (1979)."""
+class StreamingMoments:
+    """Streaming count, mean and sum of squared deviations, merged over batches in float64 with the parallel
+    update of Chan, Golub & LeVeque (1979). Subclasses say which values of a batch are pooled and what each
+    mean is of (``_batch_values``: ``[..., n]`` values, pooled over the last dim)."""
+
+    mismatch = "data batches disagree on the shape of their statistics"
 
     def __init__(self) -> None:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
+    def _batch_values(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def add(self, batch: torch.Tensor) -> None:
-        values = batch.detach().to(torch.float64)
-        count = values.shape[0]
+        values = self._batch_values(batch.detach().to(torch.float64))
+        count = values.shape[-1]
         if count == 0:
             return
-        mean = values.mean(dim=0)
-        m2 = (values - mean).square().sum(dim=0)
+        mean = values.mean(dim=-1)
+        m2 = (values - mean.unsqueeze(-1)).square().sum(dim=-1)
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
         if mean.shape != self.mean.shape:
-            raise InputStatsError(f"data batches disagree on the sample shape: {tuple(self.mean.shape)} then "
-                                  f"{tuple(mean.shape)}; per-position statistics need inputs of one size")
+            raise InputStatsError(f"{self.mismatch}: {tuple(self.mean.shape)} then {tuple(mean.shape)}")
         total = self.count + count
         delta = mean - self.mean
         self.mean = self.mean + delta * (count / total)
@@ -58,9 +63,19 @@ class UnitAccumulator:
 
     @property
     def var(self) -> torch.Tensor:
+        """Population variance."""
         if self.m2 is None:
             raise InputStatsError("no data was added")
         return self.m2 / self.count
+
+
+class UnitAccumulator(StreamingMoments):
+    """Mean and variance per unit (channel and position) of ``[N, C, *S]`` batches."""
+
+    mismatch = "data batches disagree on the sample shape (per-position statistics need inputs of one size)"
+
+    def _batch_values(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.movedim(0, -1)
 
 
 def offset_slices(sizes: tuple[int, ...], offset: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
