@@ -11,10 +11,14 @@ propagation time relative to per-channel propagation.
 
 Digits CNN (graphnorm's bundled fixture, trained; the 1797 sklearn digits): ``graphnorm.inspect`` with the
 BatchNorms as trained, from per-channel input statistics, per-position maps, and per-position maps with the
-3x3 patch correlation; std error and mean error (in measured std) at the BatchNorm inputs.
+3x3 patch correlation; std error and mean error (in measured std) at the BatchNorm inputs; and the test of
+what the statistics are for: the accuracy of ``convert(mode="fixed", calibrate="none")``, every BatchNorm
+recalibrated from the analytic statistics alone (data-free), against the original's.
 
-    python benchmarks/propagation_accuracy.py                    # everything (about 30 minutes)
+    python benchmarks/propagation_accuracy.py                    # everything in one file (about 40 minutes)
+    python benchmarks/propagation_accuracy.py --no-digits        # the torchvision networks only
     python benchmarks/propagation_accuracy.py --sizes 64 --models resnet18 --no-digits
+    python benchmarks/propagation_accuracy.py --sizes --models   # the digits CNN only (..._digits.json)
 """
 
 from __future__ import annotations
@@ -97,8 +101,15 @@ def evaluate(name: str, size: int, samples: int, batch: int, spatial: bool) -> d
 
 
 def digits_rows() -> list[dict]:
-    images = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
     loaded = load_model(os.fspath(ROOT / "fixtures" / "digits_cnn.pt"))
+
+    def accuracy(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return (model.eval()(images).argmax(1) == labels).float().mean().item()
+
     descriptions = {"per channel": InputStats.from_data(images),
                     "per position": InputStats.from_data(images, per_position=True),
                     "per position + 3x3 correlation": InputStats.from_data(images, per_position=True,
@@ -108,16 +119,19 @@ def digits_rows() -> list[dict]:
         for spatial in (False, True):
             report = graphnorm.inspect(loaded.model, stats, input_shape=(1, 1, 8, 8), data=images, spatial=spatial,
                                        progress=False)
+            fixed = graphnorm.convert(loaded.model, stats, input_shape=(1, 1, 8, 8), mode="fixed", spatial=spatial,
+                                      calibrate="none", agreement_samples=0)
             rows.append({"model": "digits CNN (trained)", "data": "sklearn digits, 1797 images",
                          "input_statistics": input_statistics, "mode": "per-unit" if spatial else "per-channel",
-                         **report.summary})
+                         **report.summary, "fixed_accuracy": accuracy(fixed),
+                         "original_accuracy": accuracy(loaded.model)})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 224])
     parser.add_argument("--samples", type=int, help="inputs drawn per network (default: 1024 at 64, 256 at 224)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--no-digits", action="store_true")
@@ -133,7 +147,8 @@ def main() -> None:
         base = next(r for r in rows if (r["model"], r["size"], r["mode"]) == (row["model"], row["size"], "per-channel"))
         row["time_vs_per_channel"] = row["propagation_seconds"] / base["propagation_seconds"]
     digits = [] if args.no_digits else digits_rows()
-    path = write_result("propagation_accuracy", {"args": vars(args), "rows": rows, "digits": digits})
+    name = "propagation_accuracy" if rows else "propagation_accuracy_digits"
+    path = write_result(name, {"args": vars(args), "rows": rows, "digits": digits})
     headers = ["model", "input", "mode", "auto picks", "BN inputs", "median error", "worst median", "analytic/measured",
                "noise floor", "propagation time vs per-channel"]
     print(markdown_table(headers, [
@@ -144,9 +159,11 @@ def main() -> None:
     if digits:
         print()
         print(markdown_table(
-            ["model", "input statistics", "mode", "std error median", "worst", "mean error median", "worst"],
+            ["model", "input statistics", "mode", "std error median", "worst", "mean error median", "worst",
+             "fixed mode accuracy %, data-free", "original %"],
             [[r["model"], r["input_statistics"], r["mode"]] + [f"{r[k]:.3f}" for k in (
-                "std_error_median", "std_error_worst", "mean_error_median", "mean_error_worst")] for r in digits]))
+                "std_error_median", "std_error_worst", "mean_error_median", "mean_error_worst")]
+             + [f"{100 * r['fixed_accuracy']:.1f}", f"{100 * r['original_accuracy']:.1f}"] for r in digits]))
     announce(path)
 
 
