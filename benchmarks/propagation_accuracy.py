@@ -3,8 +3,9 @@ on the real digits.
 
 Torchvision networks (random weights, seed 0; N(0, 1) input): every BatchNorm is set to the analytic statistics
 of its input (data-free recalibration, what ``fixed`` mode does), then the analytic per-channel std at every
-BatchNorm input is compared with the std measured on drawn inputs, per channel and per unit. Reported per
-network, size and representation: the median over BatchNorm inputs of the per-channel median relative error,
+BatchNorm input is compared with the std measured on drawn inputs, per channel and per unit, each in the
+fast (Gaussian) and the accurate (third-cumulant) propagation. Reported per network, size and mode: the
+median over BatchNorm inputs of the per-channel median relative error,
 the worst such median, the median analytic/measured ratio, the noise floor of the measurement (the same
 statistic between the two halves of the samples, divided by 2: what sampling alone contributes), and the
 propagation time relative to per-channel propagation.
@@ -43,7 +44,8 @@ from graphnorm.propagate import MomentPropagator, auto_spatial
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "efficientnet_b0")
-SAMPLES = {64: 1024, 224: 256}
+SAMPLES = {64: 1024, 224: 128}
+MODES = [(spatial, accuracy) for spatial in (False, True) for accuracy in ("fast", "accurate")]
 
 
 def _median_errors(analytic: dict[str, torch.Tensor], measured: dict[str, torch.Tensor]) -> list[float]:
@@ -66,11 +68,12 @@ def _propagation_seconds(propagator: MomentPropagator, stats: InputStats, repeat
     return statistics.median(times)
 
 
-def evaluate(name: str, size: int, samples: int, batch: int, spatial: bool) -> dict:
+def evaluate(name: str, size: int, samples: int, batch: int, spatial: bool, accuracy: str) -> dict:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     stats = InputStats.standard(3)
-    propagator = MomentPropagator(copy.deepcopy(model), (1, 3, size, size), spatial=spatial, batch_norm="analytic")
+    propagator = MomentPropagator(copy.deepcopy(model), (1, 3, size, size), spatial=spatial, batch_norm="analytic",
+                                  accuracy=accuracy)
     with torch.no_grad():
         table = propagator.run(stats)
     graph_module = propagator.graph_module
@@ -89,8 +92,9 @@ def evaluate(name: str, size: int, samples: int, batch: int, spatial: bool) -> d
     halves = _median_errors({n: first[n].var.sqrt() for n in inputs}, {n: second[n].var.sqrt() for n in inputs})
     ratio = torch.cat([analytic[n] / measured[n] for n in inputs])
     return {
-        "model": name, "size": size, "samples": samples, "mode": "per-unit" if spatial else "per-channel",
-        "auto_mode": "per-unit" if auto_spatial((1, 3, size, size), stats) else "per-channel",
+        "model": name, "size": size, "samples": samples,
+        "mode": ("per-unit" if spatial else "per-channel") + f" {accuracy}",
+        "auto_mode": ("per-unit" if auto_spatial((1, 3, size, size), stats) else "per-channel") + " accurate",
         "batchnorm_inputs": len(inputs), "median_error": statistics.median(medians), "worst_median_error": max(medians),
         "analytic_over_measured_median": ratio.median().item(),
         "noise_floor": statistics.median(halves) / 2,
@@ -106,7 +110,7 @@ def digits_rows() -> list[dict]:
     labels = torch.tensor(digits.target)
     loaded = load_model(os.fspath(ROOT / "fixtures" / "digits_cnn.pt"))
 
-    def accuracy(model: torch.nn.Module) -> float:
+    def top1(model: torch.nn.Module) -> float:
         with torch.no_grad():
             return (model.eval()(images).argmax(1) == labels).float().mean().item()
 
@@ -116,15 +120,16 @@ def digits_rows() -> list[dict]:
                                                                             patch_covariance=3)}
     rows = []
     for input_statistics, stats in descriptions.items():
-        for spatial in (False, True):
+        for spatial, accuracy in MODES:
             report = graphnorm.inspect(loaded.model, stats, input_shape=(1, 1, 8, 8), data=images, spatial=spatial,
-                                       progress=False)
+                                       progress=False, accuracy=accuracy)
             fixed = graphnorm.convert(loaded.model, stats, input_shape=(1, 1, 8, 8), mode="fixed", spatial=spatial,
-                                      calibrate="none", agreement_samples=0)
+                                      calibrate="none", agreement_samples=0, accuracy=accuracy)
             rows.append({"model": "digits CNN (trained)", "data": "sklearn digits, 1797 images",
-                         "input_statistics": input_statistics, "mode": "per-unit" if spatial else "per-channel",
-                         **report.summary, "fixed_accuracy": accuracy(fixed),
-                         "original_accuracy": accuracy(loaded.model)})
+                         "input_statistics": input_statistics,
+                         "mode": ("per-unit" if spatial else "per-channel") + f" {accuracy}",
+                         **report.summary, "fixed_accuracy": top1(fixed),
+                         "original_accuracy": top1(loaded.model)})
     return rows
 
 
@@ -139,17 +144,19 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for name in args.models:
-            for spatial in (False, True):
-                rows.append(evaluate(name, size, args.samples or SAMPLES.get(size, 256), args.batch, spatial))
+            for spatial, accuracy in MODES:
+                rows.append(evaluate(name, size, args.samples or SAMPLES.get(size, 256), args.batch, spatial,
+                                     accuracy))
                 print(f"{name} {size} {rows[-1]['mode']}: median {rows[-1]['median_error']:.3f} worst "
                       f"{rows[-1]['worst_median_error']:.3f}", flush=True)
     for row in rows:
-        base = next(r for r in rows if (r["model"], r["size"], r["mode"]) == (row["model"], row["size"], "per-channel"))
+        base = next(r for r in rows
+                    if (r["model"], r["size"], r["mode"]) == (row["model"], row["size"], "per-channel fast"))
         row["time_vs_per_channel"] = row["propagation_seconds"] / base["propagation_seconds"]
     digits = [] if args.no_digits else digits_rows()
     name = "propagation_accuracy" if rows else "propagation_accuracy_digits"
     path = write_result(name, {"args": vars(args), "rows": rows, "digits": digits})
-    headers = ["model", "input", "mode", "auto picks", "BN inputs", "median error", "worst median", "analytic/measured",
+    headers = ["model", "input", "mode", "default", "BN inputs", "median error", "worst median", "analytic/measured",
                "noise floor", "propagation time vs per-channel"]
     print(markdown_table(headers, [
         [r["model"], f"{r['size']}x{r['size']}", r["mode"], "yes" if r["mode"] == r["auto_mode"] else "",

@@ -230,6 +230,9 @@ def _model_input_options(command: Callable) -> Callable:
         click.option("--patch-covariance", type=click.IntRange(min=1), metavar="K",
                      help="With --input-data: also the input correlation within K-wide patches, used by the "
                           "layers that read the input."),
+        click.option("--accuracy", type=click.Choice(["fast", "accurate"]),
+                     help="accurate: carry third cumulants and correct activations for skewed inputs (default "
+                          "for inspect and fixed mode); fast: Gaussian inputs everywhere (the trainable modes)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random initialization of an import-spec MODEL and of drawn samples."),
         click.option("--fallback", type=click.Choice(FALLBACKS), default="sample", show_default=True,
@@ -333,8 +336,8 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                     trust_code: bool, allowed_packages: tuple[str, ...], calibrate: str, min_agreement: float,
                     max_output_error: float, agreement_samples: int,
                     strict: bool, stochastic_batch: int | None, noise: str, normprop_c: float,
-                    spatial: bool | None, per_position: bool, patch_covariance: int | None, seed: int,
-                    fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
+                    spatial: bool | None, per_position: bool, patch_covariance: int | None, accuracy: str | None,
+                    seed: int, fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
                     legacy_exporter: bool, verify: bool, rtol: float,
                     atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
@@ -364,6 +367,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
             raise _usage(err) from err
     kwargs = {"input_shape": list(shape), "mode": mode, "stochastic_batch": stochastic_batch, "noise": noise,
               "normprop_c": normprop_c, "spatial": "auto" if spatial is None else spatial,
+              "accuracy": accuracy or "auto",
               "leaf_modules": list(leaf_modules),
               "fallback": "error" if strict else fallback, "fallback_samples": fallback_samples}
     checks = {"calibrate": calibrate, "data": data, "labels": labels, "agreement_samples": agreement_samples}
@@ -444,8 +448,8 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
                     input_data: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
                     allowed_packages: tuple[str, ...], leaf_modules: tuple[str, ...], spatial: bool | None,
-                    per_position: bool, patch_covariance: int | None, seed: int, fallback: str,
-                    fallback_samples: int, debug: bool, data: str | None, samples: int,
+                    per_position: bool, patch_covariance: int | None, accuracy: str | None, seed: int,
+                    fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
                     batch_size: int, no_empirical: bool,
                     normalize: str, output_format: str, plot_path: Path | None, only: str | None,
                     force: bool) -> None:
@@ -470,7 +474,7 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
             raise _usage(err) from err
     try:
         report = inspect(loaded.model, stats, input_shape=shape, data=samples_data, samples=samples, seed=seed,
-                         spatial="auto" if spatial is None else spatial,
+                         spatial="auto" if spatial is None else spatial, accuracy=accuracy or "accurate",
                          leaf_modules=leaf_modules, batch_size=batch_size, normalize=normalize,
                          empirical=not no_empirical, progress=run.err.is_terminal, fallback=fallback,
                          fallback_samples=fallback_samples)

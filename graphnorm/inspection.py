@@ -15,7 +15,7 @@ from torch import fx
 from .errors import GraphnormError
 from .exported import as_module
 from .measure import analytic_batchnorm_statistics, measure
-from .propagate import MomentPropagator, auto_spatial
+from .propagate import Accuracy, MomentPropagator, auto_spatial
 from .report import ChannelSummary, Report, ReportRow, ResidualBranch
 from .sampling import DEFAULT_SAMPLES
 from .stats import InputStats, iter_batches
@@ -61,7 +61,7 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
             concrete_args: dict[str, Any] | None = None, batch_size: int = 64,
             normalize: Literal["as-is", "analytic"] = "as-is", empirical: bool = True,
             progress: bool = True, fallback: str = "sample", fallback_samples: int = DEFAULT_SAMPLES,
-            seed: int = 0) -> Report:
+            seed: int = 0, accuracy: Accuracy = "accurate") -> Report:
     """Analytic per-channel statistics of every activation of ``model`` under ``stats``, and, when
     ``empirical``, the same measured on ``data`` (a tensor, an iterable of tensors or ``(x, y)`` pairs) or on
     ``samples`` inputs drawn from ``stats``, streamed in batches of ``batch_size``.
@@ -73,7 +73,9 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
 
     ``spatial="auto"`` (default) propagates per unit where borders matter
     (:func:`graphnorm.propagate.auto_spatial`), per channel otherwise; the report states which. The drawn
-    inputs come from a generator seeded with ``seed``, so a report is reproducible.
+    inputs come from a generator seeded with ``seed``, so a report is reproducible. ``accuracy="accurate"``
+    (default) carries third cumulants and corrects activations for skewed inputs; ``"fast"`` is the
+    Gaussian propagation the trainable modes use (see :class:`~graphnorm.MomentPropagator`).
     """
     if normalize not in ("as-is", "analytic"):
         raise GraphnormError(f"normalize must be 'as-is' or 'analytic', got {normalize!r}")
@@ -85,7 +87,7 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     propagator = MomentPropagator(working, input_shape, spatial=spatial, leaf_modules=leaf_modules,
                                   concrete_args=concrete_args,
                                   batch_norm="analytic" if normalize == "analytic" else "auto",
-                                  fallback=fallback, fallback_samples=fallback_samples)
+                                  fallback=fallback, fallback_samples=fallback_samples, accuracy=accuracy)
     with torch.no_grad():
         table = propagator.run(stats)
     graph_module = propagator.graph_module
@@ -112,7 +114,7 @@ def inspect(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
             row.op = propagator.sampled[row.node].target
             row.sampled = propagator.sampled[row.node].reason
     return Report(type(model).__name__, list(input_shape), normalize, spatial, counted, rows,
-                  seed if empirical and data is None else None, describe_input_statistics(stats))
+                  seed if empirical and data is None else None, describe_input_statistics(stats), accuracy)
 
 
 def describe_input_statistics(stats: InputStats) -> str:

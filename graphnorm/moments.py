@@ -18,6 +18,9 @@ correlation template ``[C, C, 2r+1, ...]``: ``cov(x_cp, x_dq) = rho_cd(q - p) si
 maps that read it (conv, linear) use it for an exact variance; every other rule ignores it, and no rule's
 output carries it.
 
+``third`` (``accuracy="accurate"``, :mod:`graphnorm.rules.skewness`) is the third central moment in the
+stored resolution; linear maps and activations carry it, every other rule leaves it unset (Gaussian).
+
 ``monotone_of`` records that this activation is ``f(X)`` for a non-decreasing elementwise ``f`` applied to a
 Gaussian-modelled ``X``. Max-pooling uses it: ``maxpool(f(X)) = f(maxpool(X))`` exactly, so pooling the
 Gaussian pre-activation and then applying ``f``'s rule avoids treating a rectified variable as Gaussian.
@@ -59,6 +62,7 @@ class Moments:
     shape: tuple[int, ...]
     monotone_of: MonotoneSource | None = None
     correlation: torch.Tensor | None = None
+    third: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.loc.shape) != tuple(self.spread.shape):
@@ -122,12 +126,28 @@ class Moments:
     def unit_var(self) -> torch.Tensor:
         return self.spread if self.is_per_unit else _broadcast(self.spread, self.shape)
 
+    @property
+    def unit_third(self) -> torch.Tensor | None:
+        """Third central moment per unit (None when not tracked)."""
+        if self.third is None:
+            return None
+        return self.third if self.is_per_unit else _broadcast(self.third, self.shape)
+
+    def with_third(self, third: torch.Tensor | None) -> Moments:
+        return replace(self, third=third)
+
     # -- transformations -------------------------------------------------------------------------------------
     def to_channels(self) -> Moments:
         """The same activation summarized per channel (mixture over positions)."""
         if not self.is_per_unit:
             return self
-        return Moments(self.mean, self.var, self.shape, self.monotone_of)
+        third = None
+        if self.third is not None:  # third central moment of the mixture over positions
+            loc = self.loc.reshape(self.channels, -1)
+            offset = loc - loc.mean(dim=1, keepdim=True)
+            third = (self.third.reshape(self.channels, -1) + 3 * self.spread.reshape(self.channels, -1) * offset
+                     + offset.pow(3)).mean(dim=1)
+        return Moments(self.mean, self.var, self.shape, self.monotone_of, third=third)
 
     def with_monotone_source(self, source: MonotoneSource) -> Moments:
         return replace(self, monotone_of=source)

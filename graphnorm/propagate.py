@@ -32,6 +32,8 @@ from .trace import INPUT_NAMES, OP_KEY, trace
 __all__ = ["AUTO_SPATIAL_MAX_SIDE", "MomentPropagator", "MomentTable", "NodeInfo", "auto_spatial", "propagate"]
 
 BatchNormStats = Literal["auto", "running", "analytic"]
+Accuracy = Literal["fast", "accurate"]
+ACCURACIES = ("fast", "accurate")
 
 _STATIC_METHODS = frozenset({"size", "dim", "ndimension"})
 _STATIC_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
@@ -115,6 +117,9 @@ class MomentPropagator:
             ``fallback_samples`` Gaussian samples (:mod:`graphnorm.sampling`); "error" raises
             :class:`~graphnorm.UnsupportedOpError` listing every such op instead. The sampled nodes are listed
             in ``sampled`` (complete after the first :meth:`run`: a rule may decline a call it cannot handle).
+        accuracy: "fast" (default) assumes every activation's input is Gaussian; "accurate" also carries the
+            third cumulant through linear maps and corrects every activation for its input's skewness
+            (:mod:`graphnorm.rules.skewness`; measured gain and cost in docs/math.md section 6).
     """
 
     def __init__(self, model: nn.Module | torch.export.ExportedProgram, input_shape: Iterable[int], *,
@@ -122,7 +127,10 @@ class MomentPropagator:
                  batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
                  concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                  targets: Iterable[str] | None = None, fallback: str | SampledFallback | None = "sample",
-                 fallback_samples: int = DEFAULT_SAMPLES):
+                 fallback_samples: int = DEFAULT_SAMPLES, accuracy: Accuracy = "fast"):
+        if accuracy not in ACCURACIES:
+            raise GraphnormError(f"accuracy must be 'fast' or 'accurate', got {accuracy!r}")
+        self.accuracy = accuracy
         self.input_shape = tuple(int(size) for size in input_shape)
         if len(self.input_shape) < 2 or any(size < 1 for size in self.input_shape):
             raise GraphnormError(
@@ -215,6 +223,8 @@ class MomentPropagator:
         return inputs
 
     def _run(self, inputs: Moments) -> MomentTable:
+        if self.accuracy == "accurate" and inputs.third is None:
+            inputs = inputs.with_third(torch.zeros_like(inputs.loc))  # the input is taken as Gaussian
         interpreter = _MomentInterpreter(self)
         interpreter.run(inputs, *self.extra_inputs)
         return MomentTable(interpreter.moments, self.info)
@@ -238,14 +248,14 @@ def propagate(model: nn.Module | torch.export.ExportedProgram, stats: InputStats
               spatial: bool = False,
               batch_norm: BatchNormStats = "auto", leaf_modules: Iterable[type | str] = (),
               concrete_args: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
-              fallback: str | SampledFallback | None = "sample", fallback_samples: int = DEFAULT_SAMPLES
-              ) -> MomentTable:
+              fallback: str | SampledFallback | None = "sample", fallback_samples: int = DEFAULT_SAMPLES,
+              accuracy: Accuracy = "fast") -> MomentTable:
     """Per-channel (or per-unit, ``spatial=True``) mean and variance of every activation of ``model`` when its
     input has the per-channel statistics ``stats``. See :class:`MomentPropagator` for the arguments."""
     stats.validate_for(tuple(input_shape))
     propagator = MomentPropagator(model, input_shape, spatial=spatial, batch_norm=batch_norm,
                                   leaf_modules=leaf_modules, concrete_args=concrete_args, dtype=dtype,
-                                  fallback=fallback, fallback_samples=fallback_samples)
+                                  fallback=fallback, fallback_samples=fallback_samples, accuracy=accuracy)
     return propagator.run(stats)
 
 
@@ -353,6 +363,8 @@ class _MomentInterpreter(fx.Interpreter):
             else:
                 result = self._apply_rule(node, args, kwargs)
         summarize = not propagator.spatial and self._channel_first(node, result)
+        if propagator.accuracy == "accurate" and isinstance(result, Moments) and result.third is None:
+            result = result.with_third(torch.zeros_like(result.loc))  # an op without a third-cumulant rule
         if isinstance(result, Moments):
             if summarize:
                 result = result.to_channels()

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GraphnormError
-from .propagate import MomentPropagator, auto_spatial
+from .propagate import Accuracy, MomentPropagator, auto_spatial
 from .stats import InputStats
 
 __all__ = ["analytic_batchnorm_inputs", "recalibrate_batchnorm"]
@@ -46,18 +46,18 @@ def analytic_batchnorm_inputs(propagator: MomentPropagator, stats: InputStats
 
 
 def recalibrate_batchnorm(model: nn.Module, stats: InputStats, input_shape: Iterable[int], *,
-                          spatial: bool | Literal["auto"] = "auto",
+                          spatial: bool | Literal["auto"] = "auto", accuracy: Accuracy = "accurate",
                           leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None
                           ) -> nn.Module:
     """A deep copy of ``model`` in eval mode whose BatchNorm running statistics are the analytic ones.
 
     ``spatial="auto"`` propagates per unit where borders matter (:func:`graphnorm.propagate.auto_spatial`),
-    like ``convert(..., mode="fixed")``."""
+    and ``accuracy="accurate"`` corrects activations for skewed inputs, like ``convert(..., mode="fixed")``."""
     input_shape = tuple(int(size) for size in input_shape)
     if spatial == "auto":
         spatial = auto_spatial(input_shape, stats)
     calibrated = copy.deepcopy(model).eval()
-    propagator = MomentPropagator(calibrated, input_shape, spatial=spatial, batch_norm="analytic",
+    propagator = MomentPropagator(calibrated, input_shape, spatial=spatial, batch_norm="analytic", accuracy=accuracy,
                                   leaf_modules=leaf_modules, concrete_args=concrete_args)
     with torch.no_grad():
         for path, (mean, var) in analytic_batchnorm_inputs(propagator, stats).items():

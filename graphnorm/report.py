@@ -87,6 +87,7 @@ class Report:
     rows: list[ReportRow] = field(default_factory=list)
     seed: int | None = None
     input_statistics: str = "per channel"
+    accuracy: str = "fast"
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -104,13 +105,14 @@ class Report:
 
     def only_batchnorm_inputs(self) -> Report:
         return Report(self.model, self.input_shape, self.normalize, self.spatial, self.samples,
-                      [r for r in self.rows if r.batchnorm_input], self.seed, self.input_statistics)
+                      [r for r in self.rows if r.batchnorm_input], self.seed, self.input_statistics, self.accuracy)
 
     # -- JSON ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "input_shape": list(self.input_shape),
                 "normalize": self.normalize, "spatial": self.spatial, "samples": self.samples,
-                "seed": self.seed, "input_statistics": self.input_statistics, "summary": self.summary,
+                "seed": self.seed, "input_statistics": self.input_statistics, "accuracy": self.accuracy,
+                "summary": self.summary,
                 "rows": [asdict(r) for r in self.rows]}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -129,7 +131,7 @@ class Report:
             row["residual_branch"] = ResidualBranch(**row["residual_branch"]) if row["residual_branch"] else None
             rows.append(ReportRow(**row))
         return cls(data["model"], data["input_shape"], data["normalize"], data["spatial"], data["samples"], rows,
-                   data.get("seed"), data.get("input_statistics", "per channel"))
+                   data.get("seed"), data.get("input_statistics", "per channel"), data.get("accuracy", "fast"))
 
     # -- text --------------------------------------------------------------------------------------------------------
     _COLUMNS = ("node", "op", "C", "BN in", "mean^2 analytic", "mean^2 measured", "var analytic", "var measured",
@@ -147,8 +149,8 @@ class Report:
         samples = f"{self.samples} samples" if self.samples else "no measurement"
         seed = f" (seed {self.seed})" if self.seed is not None and self.samples else ""
         return (f"{self.model}, input {tuple(self.input_shape)}, normalize {self.normalize}, propagated "
-                f"{'per unit' if self.spatial else 'per channel'} from input statistics {self.input_statistics}, "
-                f"{samples}{seed}")
+                f"{'per unit' if self.spatial else 'per channel'} ({self.accuracy}) from input statistics "
+                f"{self.input_statistics}, {samples}{seed}")
 
     def _summary_line(self) -> str:
         s = self.summary

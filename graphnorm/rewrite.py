@@ -57,7 +57,7 @@ from .normalizers import (
 )
 from .ops import spelling_of
 from .pickling import make_picklable
-from .propagate import MomentPropagator, MomentTable, auto_spatial
+from .propagate import Accuracy, MomentPropagator, MomentTable, auto_spatial
 from .rules.normalizers import REPARAM, raw_layer_output
 from .sampling import DEFAULT_SAMPLES, SampledNode
 from .stats import InputStats
@@ -417,7 +417,7 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
             normprop_c: float = 1.21,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
             spatial: bool | Literal["auto"] = "auto", calibrate: Calibrate = "auto", data: Any = None,
-            labels: Any = None,
+            labels: Any = None, accuracy: Accuracy | Literal["auto"] = "auto",
             agreement_samples: int = 16, fallback: Literal["sample", "error"] = "sample",
             fallback_samples: int = DEFAULT_SAMPLES) -> ConvertedModule:
     """Rewrite every BatchNorm of ``model`` into a batch-independent normalizer (see the module docstring).
@@ -434,6 +434,9 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     cheap per-channel form for the modes that recompute statistics every training step. Per-position input
     statistics and an input correlation template (``InputStats.from_data(..., per_position=True,
     patch_covariance=k)``) are used by ``fixed`` mode; the trainable modes use their per-channel summary.
+    ``accuracy`` (``"auto"``: ``"accurate"`` in ``fixed`` mode, ``"fast"`` otherwise) chooses whether the
+    statistics correct activations for skewed inputs (:mod:`graphnorm.rules.skewness`); the trainable modes
+    recompute their statistics every step and only take ``"fast"``.
 
     ``calibrate`` chooses what the normalizers' statistics are calibrated to (:mod:`graphnorm.calibration`):
     ``"auto"`` (trained running statistics where they exist), ``"running"``, ``"data"`` (measured on ``data``)
@@ -463,13 +466,19 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
     stats.validate_for(input_shape)
     if spatial == "auto":
         spatial = mode == "fixed" and auto_spatial(input_shape, stats)
+    if accuracy == "auto":
+        accuracy = "accurate" if mode == "fixed" else "fast"
+    if accuracy not in ("fast", "accurate") or (accuracy == "accurate" and mode != "fixed"):
+        raise GraphnormError(f"accuracy={accuracy!r}: 'accurate' applies to fixed mode (the trainable modes "
+                             "recompute their statistics every step, in the 'fast' form); use 'fast' or 'auto'")
     if mode != "fixed":
         stats = stats.channel_summary()
     model = as_module(model)  # an ExportedProgram: its graph, layers as modules (the reference of the agreement)
     graph_module = trace(copy.deepcopy(model), leaf_modules=leaf_modules, concrete_args=concrete_args,
                          input_shape=input_shape)
     propagator = MomentPropagator(graph_module, input_shape, spatial=spatial, batch_norm="analytic",
-                                  concrete_args=concrete_args, fallback=fallback, fallback_samples=fallback_samples)
+                                  concrete_args=concrete_args, fallback=fallback, fallback_samples=fallback_samples,
+                                  accuracy=accuracy)
     with torch.no_grad():
         table = propagator.run(stats)
     log = ConversionLog(mode, capture=graph_module.meta.get(CAPTURE, "symbolic"),

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .gaussian import Z_LIMIT, interval_moments, legendre_nodes, safe_std
+from .skewness import activation_with_skew
 
 # Gauss-Legendre nodes per panel for the remainder of smooth activations (two panels, split at 0).
 # tests/rules/test_quadrature.py measures the error against a dense reference integration.
@@ -182,7 +183,10 @@ def _elementwise(x: Moments, moments_fn: MomentsFn, function: Callable[[torch.Te
                  again: Callable[[Moments], Moments] | None, piecewise: tuple | None = None) -> Moments:
     """Apply a per-unit moment function; ``again`` (the rule itself) marks a monotone activation."""
     mean, var = moments_fn(x.loc, x.spread)
-    out = Moments(mean, var, x.shape)
+    third = None
+    if x.third is not None:  # accurate mode: correct for the input's skewness, pass the output's on
+        mean, var, third = activation_with_skew(function, x.loc, x.spread, x.third, mean, var)
+    out = Moments(mean, var, x.shape, third=third)
     return out if again is None else out.with_monotone_source(MonotoneSource(function, again, x, piecewise))
 
 

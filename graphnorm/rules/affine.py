@@ -40,10 +40,12 @@ def linear(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None
         mean, var = kernel_moments(weight, x.loc, x.spread)
         if x.correlation is not None:
             var = correlated_linear_variance(x.spread.sqrt(), x.correlation, weight)
-        return Moments.per_channel(mean if bias is None else mean + bias, var, (weight.shape[0],))
+        third = None if x.third is None else F.linear(x.third, weight.pow(3))
+        return Moments(mean if bias is None else mean + bias, var, (weight.shape[0],), third=third)
     mean = F.linear(x.unit_mean, weight, bias)
     var = F.linear(x.unit_var, weight * weight)
-    return Moments.per_unit(mean, var)
+    third = None if x.third is None else F.linear(x.unit_third, weight.pow(3))
+    return Moments(mean, var, tuple(mean.shape), third=third)
 
 
 def _padding_for_unit_maps(x: torch.Tensor, padding, padding_mode: str, dims: int):
@@ -68,11 +70,11 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     """
     dims = weight.dim() - 2
     if x.correlation is not None and padding_mode == "zeros":
-        independent = conv(Moments(x.loc, x.spread, x.shape), weight=weight, bias=bias, stride=stride,
+        independent = conv(Moments(x.loc, x.spread, x.shape, third=x.third), weight=weight, bias=bias, stride=stride,
                                        padding=padding, dilation=dilation, groups=groups, out_shape=out_shape)
         var = correlated_conv_variance(x.spread.sqrt(), x.correlation, weight, stride=stride, padding=padding,
                                        dilation=dilation, groups=groups, per_unit=x.is_per_unit)
-        return Moments(independent.loc, var, independent.shape)
+        return Moments(independent.loc, var, independent.shape, third=independent.third)
     if x.is_per_unit:
         square = weight * weight
         conv_fn = _CONV[dims]
@@ -80,11 +82,19 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
         var_in, _ = _padding_for_unit_maps(x.spread.unsqueeze(0), padding, padding_mode, dims)
         mean = conv_fn(mean_in, weight, bias, stride, conv_padding, dilation, groups)[0]
         var = conv_fn(var_in, square, None, stride, conv_padding, dilation, groups)[0]
-        return Moments.per_unit(mean, var)
+        third = None
+        if x.third is not None:  # k3 of a sum of independent values: sum of w^3 k3
+            third_in, _ = _padding_for_unit_maps(x.third.unsqueeze(0), padding, padding_mode, dims)
+            third = conv_fn(third_in, weight.pow(3), None, stride, conv_padding, dilation, groups)[0]
+        return Moments(mean, var, tuple(mean.shape), third=third)
     mean, var = kernel_moments(weight, x.loc, x.spread, groups)
     if bias is not None:
         mean = mean + bias
-    return Moments.per_channel(mean, var, tuple(out_shape))
+    third = None
+    if x.third is not None:
+        cubed = weight.pow(3).flatten(2).sum(-1).reshape(groups, weight.shape[0] // groups, -1)  # [g, O/g, C/g]
+        third = torch.einsum("gjc,gc->gj", cubed, x.third.reshape(groups, -1)).reshape(-1)
+    return Moments(mean, var, tuple(out_shape), third=third)
 
 
 @moment_rule("conv_transpose")
@@ -171,4 +181,5 @@ def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: to
     scale, shift = batch_norm_affine(center, spread, eps, weight, bias)
     mean = x.loc * _channel_vector(scale, x.loc) + _channel_vector(shift, x.loc)
     var = x.spread * _channel_vector(scale * scale, x.spread)
-    return Moments(mean, var, x.shape)
+    third = None if x.third is None else x.third * _channel_vector(scale.pow(3), x.third)
+    return Moments(mean, var, x.shape, third=third)

@@ -104,21 +104,26 @@ def _channel_form(constant: torch.Tensor) -> torch.Tensor:
     return constant if constant.dim() == 0 else constant.reshape(constant.shape[0])
 
 
-def _result(mean: torch.Tensor, var: torch.Tensor, out_shape, per_unit: bool) -> Moments:
+def _result(mean: torch.Tensor, var: torch.Tensor, out_shape, per_unit: bool,
+            third: torch.Tensor | None = None) -> Moments:
     shape = tuple(out_shape)
     if per_unit and len(shape) > 1:
-        return Moments.per_unit(mean.expand(shape), var.expand(shape))
-    return Moments.per_channel(mean.expand(shape[0]), var.expand(shape[0]), shape)
+        return Moments(mean.expand(shape), var.expand(shape), shape,
+                       third=None if third is None else third.expand(shape))
+    return Moments(mean.expand(shape[0]), var.expand(shape[0]), shape,
+                   third=None if third is None else third.expand(shape[0]))
 
 
 def _affine_constant(x: Moments, scale, shift, out_shape) -> Moments:
     """``scale * x + shift`` with constant scale and shift (numbers or tensors broadcastable to x)."""
     scale, shift = (_per_sample_constant(c, x) for c in (scale, shift))
     if x.is_per_unit or _varies_within_channel(scale) or _varies_within_channel(shift):
-        mean, var = x.unit_mean, x.unit_var
-        return _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True)
+        mean, var, third = x.unit_mean, x.unit_var, x.unit_third
+        return _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True,
+                       third=None if third is None else third * scale**3)
     scale, shift = _channel_form(scale), _channel_form(shift)
-    return _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False)
+    return _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False,
+                   third=None if x.third is None else x.third * scale**3)
 
 
 def _pair(a: Moments, b: Moments) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +140,11 @@ def _add(a: Operand, b: Operand, sign: float, alpha, out_shape) -> Moments:
         if a is b:
             return _affine_constant(a, 1 + scale_b, 0.0, out_shape)
         per_unit, ma, va, mb, vb = _pair(a, b)
-        return _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit)
+        third = None
+        if a.third is not None and b.third is not None:  # third cumulants of independent operands add
+            ta, tb = (a.unit_third, b.unit_third) if per_unit else (a.third, b.third)
+            third = ta + scale_b**3 * tb
+        return _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit, third)
     if isinstance(a, Moments):
         return _affine_constant(a, 1.0, b * scale_b if scale_b != 1 else b, out_shape)
     return _affine_constant(b, scale_b, a, out_shape)
