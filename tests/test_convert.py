@@ -125,7 +125,8 @@ def test_self_consistency_of_normalizer_outputs() -> None:
 def test_fixed_mode_equals_original_with_running_statistics_overwritten_by_hand() -> None:
     model = conv_chain()
     fixed = convert(model, "fixed").eval()
-    table = MomentPropagator(model, (1, 3, 8, 8), batch_norm="analytic", spatial=True).run(STATS3)  # 8x8: per unit
+    table = MomentPropagator(model, (1, 3, 8, 8), batch_norm="analytic", spatial=True,  # the fixed-mode defaults
+                             accuracy="accurate").run(STATS3)
     by_hand = copy.deepcopy(model).eval()
     with torch.no_grad():
         for index in (1, 4, 7):
@@ -143,7 +144,7 @@ def test_shared_batchnorm_and_multi_user_outputs_are_rewritten_per_call_site() -
     model = SharedBatchNorm()
     stats = STATS3
     fixed = convert(model, "fixed", shape=(1, 3, 6, 6)).eval()
-    table = MomentPropagator(model, (1, 3, 6, 6), batch_norm="analytic", spatial=True).run(stats)
+    table = MomentPropagator(model, (1, 3, 6, 6), batch_norm="analytic", spatial=True, accuracy="accurate").run(stats)
     # By hand: each call of the shared BatchNorm normalizes with the statistics of its own input.
     bn = model.bn
 
