@@ -40,11 +40,11 @@ def linear(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None
         mean, var = kernel_moments(weight, x.loc, x.spread)
         if x.correlation is not None:
             var = correlated_linear_variance(x.spread.sqrt(), x.correlation, weight)
-        third = None if x.third is None else F.linear(x.third, weight.pow(3))
+        third = None if x.third is None else F.linear(x.third, weight.to(x.third.dtype).pow(3))
         return Moments(mean if bias is None else mean + bias, var, (weight.shape[0],), third=third)
     mean = F.linear(x.unit_mean, weight, bias)
     var = F.linear(x.unit_var, weight * weight)
-    third = None if x.third is None else F.linear(x.unit_third, weight.pow(3))
+    third = None if x.third is None else F.linear(x.unit_third, weight.to(x.third.dtype).pow(3))
     return Moments(mean, var, tuple(mean.shape), third=third)
 
 
@@ -85,14 +85,14 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
         third = None
         if x.third is not None:  # k3 of a sum of independent values: sum of w^3 k3
             third_in, _ = _padding_for_unit_maps(x.third.unsqueeze(0), padding, padding_mode, dims)
-            third = conv_fn(third_in, weight.pow(3), None, stride, conv_padding, dilation, groups)[0]
+            third = conv_fn(third_in, weight.to(third_in.dtype).pow(3), None, stride, conv_padding, dilation, groups)[0]
         return Moments(mean, var, tuple(mean.shape), third=third)
     mean, var = kernel_moments(weight, x.loc, x.spread, groups)
     if bias is not None:
         mean = mean + bias
     third = None
     if x.third is not None:
-        cubed = weight.pow(3).flatten(2).sum(-1).reshape(groups, weight.shape[0] // groups, -1)  # [g, O/g, C/g]
+        cubed = weight.to(x.third.dtype).pow(3).flatten(2).sum(-1).reshape(groups, weight.shape[0] // groups, -1)
         third = torch.einsum("gjc,gc->gj", cubed, x.third.reshape(groups, -1)).reshape(-1)
     return Moments(mean, var, tuple(out_shape), third=third)
 
