@@ -2,7 +2,7 @@
 per data set.
 
     python benchmarks/plot_train.py                 # benchmarks/results/train.json -> docs/images/train_accuracy.png
-    python benchmarks/plot_train.py train_30epochs  # -> docs/images/train_30epochs_accuracy.png
+    python benchmarks/plot_train.py train_32epochs  # -> docs/images/train_32epochs_accuracy.png
 """
 
 from __future__ import annotations
