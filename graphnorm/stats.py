@@ -163,11 +163,11 @@ class InputStats:
         if units is None:
             return stats
         mean_map, var_map = units.mean, units.var
-        if per_position and mean_map.dim() > 1:
+        positional = per_position and mean_map.dim() > 1  # feature vectors [N, F] have no positions
+        if positional:
             stats = cls.per_position(mean_map, var_map)
         if offsets is not None:
-            unit_mean = mean_map if mean_map.dim() > 0 else mean_map.reshape(-1)
-            stats = stats.with_correlation(offsets.result(unit_mean, var_map, per_position and mean_map.dim() > 1))
+            stats = stats.with_correlation(offsets.result(mean_map, var_map, positional))
         return stats
 
     def sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
