@@ -57,7 +57,7 @@ from .normalizers import (
 )
 from .ops import spelling_of
 from .pickling import make_picklable
-from .propagate import Accuracy, MomentPropagator, MomentTable, auto_spatial
+from .propagate import ACCURACIES, Accuracy, MomentPropagator, MomentTable, auto_spatial
 from .rules.normalizers import REPARAM, raw_layer_output
 from .sampling import DEFAULT_SAMPLES, SampledNode
 from .stats import InputStats
@@ -468,7 +468,7 @@ def convert(model: nn.Module | torch.export.ExportedProgram, stats: InputStats, 
         spatial = mode == "fixed" and auto_spatial(input_shape, stats)
     if accuracy == "auto":
         accuracy = "accurate" if mode == "fixed" else "fast"
-    if accuracy not in ("fast", "accurate") or (accuracy == "accurate" and mode != "fixed"):
+    if accuracy not in ACCURACIES or (accuracy == "accurate" and mode != "fixed"):
         raise GraphnormError(f"accuracy={accuracy!r}: 'accurate' applies to fixed mode (the trainable modes "
                              "recompute their statistics every step, in the 'fast' form); use 'fast' or 'auto'")
     if mode != "fixed":

@@ -21,6 +21,7 @@ from ..moments import Moments
 from . import moment_rule
 from .correlated import correlated_conv_variance, correlated_linear_variance
 from .kernels import kernel_moments
+from .skewness import third_through_affine
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -70,8 +71,8 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     """
     dims = weight.dim() - 2
     if x.correlation is not None and padding_mode == "zeros":
-        independent = conv(Moments(x.loc, x.spread, x.shape, third=x.third), weight=weight, bias=bias, stride=stride,
-                                       padding=padding, dilation=dilation, groups=groups, out_shape=out_shape)
+        independent = conv(Moments(x.loc, x.spread, x.shape, third=x.third), weight=weight, bias=bias,
+                           stride=stride, padding=padding, dilation=dilation, groups=groups, out_shape=out_shape)
         var = correlated_conv_variance(x.spread.sqrt(), x.correlation, weight, stride=stride, padding=padding,
                                        dilation=dilation, groups=groups, per_unit=x.is_per_unit)
         return Moments(independent.loc, var, independent.shape, third=independent.third)
@@ -181,5 +182,5 @@ def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: to
     scale, shift = batch_norm_affine(center, spread, eps, weight, bias)
     mean = x.loc * _channel_vector(scale, x.loc) + _channel_vector(shift, x.loc)
     var = x.spread * _channel_vector(scale * scale, x.spread)
-    third = None if x.third is None else x.third * _channel_vector(scale.pow(3), x.third)
+    third = third_through_affine(x.third, _channel_vector(scale, x.loc))
     return Moments(mean, var, x.shape, third=third)

@@ -25,6 +25,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from ..unit_stats import offset_slices
+
 __all__ = ["correlated_conv_variance", "correlated_linear_variance"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -46,10 +48,7 @@ def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 def _shifted(values: torch.Tensor, shift: tuple[int, ...], leading: int) -> torch.Tensor:
     """``out[..., q] = values[..., q + shift]`` over the trailing spatial dims, zero where out of range."""
     out = torch.zeros_like(values)
-    target, source = [], []
-    for size, step in zip(values.shape[leading:], shift, strict=True):
-        target.append(slice(max(0, -step), size - max(0, step)))
-        source.append(slice(max(0, step), size + min(0, step)))
+    target, source = offset_slices(tuple(values.shape[leading:]), shift)
     out[(Ellipsis, *target)] = values[(Ellipsis, *source)]
     return out
 

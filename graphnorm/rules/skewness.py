@@ -66,6 +66,6 @@ def activation_with_skew(function: Callable[[torch.Tensor], torch.Tensor], mean:
     return center + first, out_var, out_third
 
 
-def third_through_affine(third: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``k3(a x + b) = a^3 k3(x)``, ``scale`` broadcast against ``third``."""
-    return third * scale.pow(3)
+def third_through_affine(third: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor | None:
+    """``k3(a x + b) = a^3 k3(x)``, ``scale`` broadcast against ``third`` (None: not tracked)."""
+    return None if third is None else third * scale**3

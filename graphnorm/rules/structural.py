@@ -16,6 +16,7 @@ import torch
 from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
+from .skewness import third_through_affine
 
 Operand = Moments | torch.Tensor | numbers.Number
 
@@ -120,10 +121,10 @@ def _affine_constant(x: Moments, scale, shift, out_shape) -> Moments:
     if x.is_per_unit or _varies_within_channel(scale) or _varies_within_channel(shift):
         mean, var, third = x.unit_mean, x.unit_var, x.unit_third
         return _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True,
-                       third=None if third is None else third * scale**3)
+                       third=third_through_affine(third, scale))
     scale, shift = _channel_form(scale), _channel_form(shift)
     return _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False,
-                   third=None if x.third is None else x.third * scale**3)
+                   third=third_through_affine(x.third, scale))
 
 
 def _pair(a: Moments, b: Moments) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
