@@ -100,28 +100,30 @@ def _dot(coefficients: list[torch.Tensor | None], moments: list[torch.Tensor]) -
 
 def centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequence[float],
                        pieces: Sequence[Polynomial], reference: torch.Tensor,
-                       partial_moments: PartialMoments = interval_moments) -> tuple[torch.Tensor, torch.Tensor]:
-    """``E[g(X) - c]`` and ``E[(g(X) - c)^2]`` for piecewise-polynomial g and ``X = mean + std B``, c = reference.
+                       partial_moments: PartialMoments = interval_moments, orders: int = 2
+                       ) -> tuple[torch.Tensor, ...]:
+    """``E[(g(X) - c)^k]`` for k = 1..orders (2 or 3), piecewise-polynomial g and ``X = mean + std B``,
+    c = reference.
 
     B is standard normal by default; ``partial_moments(alpha, beta, k)`` gives ``E[B^j 1{alpha < B < beta}]``,
     j = 0..k, for another standardized base (e.g. the max of n normals).
     ``pieces[j]`` holds on ``(breakpoints[j-1], breakpoints[j])``, the outer pieces unbounded."""
     assert len(pieces) == len(breakpoints) + 1
     edges = [None, *breakpoints, None]
-    first: torch.Tensor | None = None
-    second: torch.Tensor | None = None
+    sums: list[torch.Tensor | None] = [None] * orders
     for j, coefficients in enumerate(pieces):
         lower, upper = edges[j], edges[j + 1]
         alpha = torch.full_like(mean, -Z_LIMIT) if lower is None else (lower - mean) / std
         beta = torch.full_like(mean, Z_LIMIT) if upper is None else (upper - mean) / std
         poly = _compose_affine(coefficients, mean, std)
         poly[0] = -reference if poly[0] is None else poly[0] - reference
-        square = _multiply(poly, poly)
-        order = max(k for k, c in enumerate(square) if c is not None)
+        powers = [poly]
+        for _ in range(orders - 1):
+            powers.append(_multiply(powers[-1], poly))
+        order = max(k for k, c in enumerate(powers[-1]) if c is not None)
         moments = partial_moments(alpha, beta, order)
-        first = _add(first, _dot(poly, moments))
-        second = _add(second, _dot(square, moments))
-    return first, second
+        sums = [_add(total, _dot(power, moments)) for total, power in zip(sums, powers, strict=True)]
+    return tuple(sums)
 
 
 def piecewise_polynomial_moments(mean: torch.Tensor, var: torch.Tensor, breakpoints: Sequence[float],

@@ -205,9 +205,14 @@ def cat(*parts: Moments, dim: int = 0, out_shape: tuple[int, ...], **_) -> Momen
     dim = dim % ndim
     if dim == 0:
         raise RuleError("cat along the batch dim has no moment rule")
+    skewed = all(part.third is not None for part in parts)  # accurate mode: concatenate third cumulants too
     if dim == 1 and not any(part.is_per_unit for part in parts):
-        return Moments.per_channel(torch.cat([p.loc for p in parts]), torch.cat([p.spread for p in parts]),
-                                   tuple(out_shape))
+        third = torch.cat([p.third for p in parts]) if skewed else None
+        return Moments(torch.cat([p.loc for p in parts]), torch.cat([p.spread for p in parts]), tuple(out_shape),
+                       third=third)
     mean = torch.cat([p.unit_mean for p in parts], dim=dim - 1)
     var = torch.cat([p.unit_var for p in parts], dim=dim - 1)
-    return Moments.per_unit(mean, var) if len(out_shape) > 1 else Moments.per_channel(mean, var, tuple(out_shape))
+    third = torch.cat([p.unit_third for p in parts], dim=dim - 1) if skewed else None
+    if len(out_shape) > 1:
+        return Moments(mean, var, tuple(mean.shape), third=third)
+    return Moments(mean, var, tuple(out_shape), third=third)
