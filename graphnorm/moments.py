@@ -21,6 +21,14 @@ output carries it.
 ``third`` (``accuracy="accurate"``, :mod:`graphnorm.rules.skewness`) is the third central moment in the
 stored resolution; linear maps and activations carry it, every other rule leaves it unset (Gaussian).
 
+``neighbours`` (``accuracy="accurate"``, :mod:`graphnorm.rules.neighbours`) is a per-channel template
+``rho_c(delta)`` ``[C, 2R+1, ...]`` of the correlation between positions of one channel; the rules that know
+it (convolution, pooling, activations, adds) carry it, every other rule drops it (independent positions).
+
+``channel_correlation`` (``accuracy="accurate"``, :mod:`graphnorm.rules.channel_correlation`) is the
+``[C, C]`` correlation between channels at one position, carried through 1x1 and depthwise convolutions and
+what lies between them; every other rule drops it (independent channels).
+
 ``monotone_of`` records that this activation is ``f(X)`` for a non-decreasing elementwise ``f`` applied to a
 Gaussian-modelled ``X``. Max-pooling uses it: ``maxpool(f(X)) = f(maxpool(X))`` exactly, so pooling the
 Gaussian pre-activation and then applying ``f``'s rule avoids treating a rectified variable as Gaussian.
@@ -63,6 +71,8 @@ class Moments:
     monotone_of: MonotoneSource | None = None
     correlation: torch.Tensor | None = None
     third: torch.Tensor | None = None
+    neighbours: torch.Tensor | None = None
+    channel_correlation: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.loc.shape) != tuple(self.spread.shape):
@@ -136,6 +146,15 @@ class Moments:
     def with_third(self, third: torch.Tensor | None) -> Moments:
         return replace(self, third=third)
 
+    def with_neighbours(self, neighbours: torch.Tensor | None) -> Moments:
+        return replace(self, neighbours=neighbours)
+
+    @property
+    def unit_average_var(self) -> torch.Tensor:
+        """Per-channel average of the unit variances ``[C]`` (the within-position spread, without the spread
+        of the means across positions that ``var`` mixes in)."""
+        return self.spread.reshape(self.channels, -1).mean(dim=1) if self.is_per_unit else self.spread
+
     # -- transformations -------------------------------------------------------------------------------------
     def to_channels(self) -> Moments:
         """The same activation summarized per channel (mixture over positions)."""
@@ -147,7 +166,8 @@ class Moments:
             offset = loc - loc.mean(dim=1, keepdim=True)
             third = (self.third.reshape(self.channels, -1) + 3 * self.spread.reshape(self.channels, -1) * offset
                      + offset.pow(3)).mean(dim=1)
-        return Moments(self.mean, self.var, self.shape, self.monotone_of, third=third)
+        return Moments(self.mean, self.var, self.shape, self.monotone_of, third=third, neighbours=self.neighbours,
+                       channel_correlation=self.channel_correlation)
 
     def with_monotone_source(self, source: MonotoneSource) -> Moments:
         return replace(self, monotone_of=source)

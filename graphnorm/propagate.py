@@ -117,9 +117,12 @@ class MomentPropagator:
             ``fallback_samples`` Gaussian samples (:mod:`graphnorm.sampling`); "error" raises
             :class:`~graphnorm.UnsupportedOpError` listing every such op instead. The sampled nodes are listed
             in ``sampled`` (complete after the first :meth:`run`: a rule may decline a call it cannot handle).
-        accuracy: "fast" (default) assumes every activation's input is Gaussian; "accurate" also carries the
-            third cumulant through linear maps and corrects every activation for its input's skewness
-            (:mod:`graphnorm.rules.skewness`; measured gain and cost in docs/math.md section 6).
+        accuracy: "fast" (default) assumes every activation's input is Gaussian and all units independent;
+            "accurate" also carries the third cumulant (every activation corrected for its input's skewness,
+            :mod:`graphnorm.rules.skewness`), the correlation between neighbouring positions of a channel
+            (:mod:`graphnorm.rules.neighbours`) and between the channels of a position through 1x1 and
+            depthwise convolutions (:mod:`graphnorm.rules.channel_correlation`); measured gain and cost in
+            docs/math.md section 6.
     """
 
     def __init__(self, model: nn.Module | torch.export.ExportedProgram, input_shape: Iterable[int], *,

@@ -13,14 +13,17 @@ Per-unit mode (maps ``[C, *S]``): the real convolution of the mean map with ``W`
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from ..moments import Moments
 from . import moment_rule
+from .channel_correlation import affine_correlation, correlation_of, depthwise_correlation, pointwise_correlation
 from .correlated import correlated_conv_variance, correlated_linear_variance
 from .kernels import kernel_moments
+from .neighbours import correlated_output
 from .skewness import third_through_affine
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -67,12 +70,38 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     Assumes independent inputs (AP2). Per-channel mode ignores border effects of padding; per-unit mode is
     exact for zero padding and treats reflected/replicated border copies as independent (an approximation).
     An input with a correlation template (the model input, :mod:`.correlated`) gets the variance of the sum
-    of correlated inputs instead.
+    of correlated inputs instead. In accurate mode (the input carries a third cumulant) the correlation of
+    neighbouring positions within a channel is carried and summed too (:mod:`.neighbours`).
     """
+    out = _conv_of_independent_positions(x, weight=weight, bias=bias, stride=stride, padding=padding,
+                                         dilation=dilation, groups=groups, padding_mode=padding_mode,
+                                         out_shape=out_shape)
+    if x.third is None or len(x.shape) < 2:
+        return out
+    # accurate mode: the correlation between neighbouring positions (graphnorm.rules.neighbours)
+    if x.neighbours is None and x.correlation is not None:  # the model input: its template's diagonal
+        x = x.with_neighbours(torch.diagonal(x.correlation, dim1=0, dim2=1).movedim(-1, 0))
+    variance_known = x.correlation is not None and padding_mode == "zeros"
+    if groups == 1 and all(size == 1 for size in weight.shape[2:]) and not variance_known:
+        # a 1x1 convolution sums the channels of one position: their correlation (graphnorm.rules.channel_correlation)
+        covariance, pair_weights = pointwise_correlation(x, weight)
+        out = correlated_output(x, out, weight, stride=stride, groups=groups, pair_weights=pair_weights)
+        return replace(out, channel_correlation=correlation_of(covariance))
+    out = correlated_output(x, out, weight, stride=stride, dilation=dilation, groups=groups,
+                            variance_known=variance_known)
+    if groups == x.channels == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+        return replace(out, channel_correlation=depthwise_correlation(x, weight, dilation))
+    return out
+
+
+def _conv_of_independent_positions(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                                   dilation, groups: int, padding_mode: str, out_shape: tuple[int, ...]) -> Moments:
+    """The AP2 convolution rule (with the model input's full correlation template when it has one)."""
     dims = weight.dim() - 2
     if x.correlation is not None and padding_mode == "zeros":
-        independent = conv(Moments(x.loc, x.spread, x.shape, third=x.third), weight=weight, bias=bias,
-                           stride=stride, padding=padding, dilation=dilation, groups=groups, out_shape=out_shape)
+        independent = _conv_of_independent_positions(
+            Moments(x.loc, x.spread, x.shape, third=x.third), weight=weight, bias=bias, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode, out_shape=out_shape)
         var = correlated_conv_variance(x.spread.sqrt(), x.correlation, weight, stride=stride, padding=padding,
                                        dilation=dilation, groups=groups, per_unit=x.is_per_unit)
         return Moments(independent.loc, var, independent.shape, third=independent.third)
@@ -183,4 +212,5 @@ def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: to
     mean = x.loc * _channel_vector(scale, x.loc) + _channel_vector(shift, x.loc)
     var = x.spread * _channel_vector(scale * scale, x.spread)
     third = third_through_affine(x.third, _channel_vector(scale, x.loc))
-    return Moments(mean, var, x.shape, third=third)
+    return Moments(mean, var, x.shape, third=third, neighbours=x.neighbours,  # correlations: affine-invariant
+                   channel_correlation=affine_correlation(x, scale))

@@ -27,7 +27,9 @@ from ..errors import RuleError
 from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .activations import centered_piecewise
+from .channel_correlation import pooled_correlation
 from .gaussian import max_interval_moments, max_order_statistics, max_quadrature, max_third_cumulant, safe_std
+from .neighbours import correlated_output, pooled_variance_ratio
 
 
 def _as_tuple(value, dims: int) -> tuple[int, ...]:
@@ -50,7 +52,25 @@ def _window_geometry(dims: int, kernel_size, stride, padding, dilation=1):
 @moment_rule("max_pool")
 def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
              out_shape: tuple[int, ...], **_) -> Moments:
-    """Max over each window; see the module docstring for the math and its assumptions."""
+    """Max over each window; see the module docstring for the math and its assumptions. In accurate mode the
+    output's neighbour template is the average pool's (overlapping windows share values; an approximation)."""
+    out = _max_pool(x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                    out_shape=out_shape)
+    if x.neighbours is None:
+        return out
+    dims = len(x.shape) - 1
+    window = _uniform_window(x, kernel_size, dims)
+    proxy = correlated_output(x, out, window, stride=stride or kernel_size, dilation=dilation, groups=x.channels)
+    return out.with_neighbours(proxy.neighbours)
+
+
+def _uniform_window(x: Moments, kernel_size, dims: int) -> torch.Tensor:
+    """The averaging kernel of a pooling window as a depthwise conv weight ``[C, 1, *k]``."""
+    kernel = _as_tuple(kernel_size, dims)
+    return x.loc.new_full((x.channels, 1, *kernel), 1.0 / math.prod(kernel))
+
+
+def _max_pool(x: Moments, *, kernel_size, stride, padding, dilation, out_shape: tuple[int, ...]) -> Moments:
     dims = len(x.shape) - 1
     if dims not in (1, 2):
         raise RuleError(f"max_pool rule supports 1-D and 2-D pooling, got a {dims}-D activation")
@@ -157,10 +177,23 @@ def avg_pool(x: Moments, *, kernel_size, stride=None, padding=0, ceil_mode: bool
              count_include_pad: bool = True, divisor_override=None, out_shape: tuple[int, ...], **_) -> Moments:
     """Average over each window of k values with divisor D (k, or the override): mean ``m k/D``, var
     ``v k/D^2`` (independent values). Per unit: ``var = S(v)/D^2`` with the window sums S computed by the
-    same pooling, so zero padding, ``count_include_pad`` and ``ceil_mode`` are exact."""
+    same pooling, so zero padding, ``count_include_pad`` and ``ceil_mode`` are exact. In accurate mode the
+    variance also sums the covariances of the window's neighbours (:mod:`.neighbours`: a depthwise conv with
+    a uniform kernel)."""
     dims = len(x.shape) - 1
     if dims not in (1, 2):
         raise RuleError(f"avg_pool rule supports 1-D and 2-D pooling, got a {dims}-D activation")
+    out = _avg_pool(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
+                    count_include_pad=count_include_pad, divisor_override=divisor_override, out_shape=out_shape)
+    if x.third is None:
+        return out
+    return correlated_output(x, out, _uniform_window(x, kernel_size, dims), stride=stride or kernel_size,
+                             groups=x.channels)
+
+
+def _avg_pool(x: Moments, *, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
+              divisor_override, out_shape: tuple[int, ...]) -> Moments:
+    dims = len(x.shape) - 1
     if not x.is_per_unit:
         window = math.prod(_as_tuple(kernel_size, dims))
         divisor = divisor_override or window
@@ -188,15 +221,23 @@ def _adaptive_bin_counts(in_size: int, out_size: int) -> torch.Tensor:
 def adaptive_avg_pool(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments:
     """Adaptive average pooling: output bin j averages ``n_j`` inputs (PyTorch's bin edges
     ``floor(j I/O)``, ``ceil((j+1) I/O)``), so its variance is ``v / n_j`` (independent values). Per channel
-    the bins are mixed: mean ``m``, var ``v mean_j(1/n_j)``."""
+    the bins are mixed: mean ``m``, var ``v mean_j(1/n_j)``. In accurate mode the variance is multiplied by
+    the sum of the neighbour correlations over the bin (:func:`.neighbours.pooled_variance_ratio`, bins of
+    the average size)."""
     counts = torch.ones((), dtype=torch.float64)
     for in_size, out_size in zip(x.shape[1:], out_shape[1:], strict=True):
         counts = counts.unsqueeze(-1) * _adaptive_bin_counts(in_size, out_size)
     inverse = (1.0 / counts).to(x.loc.dtype)
+    ratio = torch.ones((), dtype=x.loc.dtype, device=x.loc.device)
+    if x.neighbours is not None:  # accurate mode: neighbours within a bin are correlated
+        bins = tuple(round(size / out) for size, out in zip(x.shape[1:], out_shape[1:], strict=True))
+        ratio = pooled_variance_ratio(x.neighbours, bins).reshape(-1, *(1,) * (len(out_shape) - 1))
+    channel_correlation = pooled_correlation(x) if math.prod(out_shape[1:]) == 1 else None
     if not x.is_per_unit:
-        return Moments.per_channel(x.loc, x.spread * inverse.mean(), tuple(out_shape))
+        return Moments(x.loc, x.spread * inverse.mean() * ratio.reshape(-1), tuple(out_shape),
+                       channel_correlation=channel_correlation)
     pool = F.adaptive_avg_pool1d if len(out_shape) == 2 else F.adaptive_avg_pool2d
     spatial = tuple(out_shape[1:])
     mean = pool(x.loc.unsqueeze(0), spatial)[0]
-    var = pool(x.spread.unsqueeze(0), spatial)[0] * inverse
-    return Moments.per_unit(mean, var)
+    var = pool(x.spread.unsqueeze(0), spatial)[0] * inverse * ratio
+    return Moments(mean, var, tuple(mean.shape), channel_correlation=channel_correlation)

@@ -10,12 +10,15 @@ their skip; that covariance is neglected (MATH.md section 6).
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 
 import torch
 
 from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
+from .channel_correlation import affine_correlation, concatenated_correlation, gated_correlation, sum_correlation
+from .neighbours import add_templates, independent_template, product_template
 from .skewness import third_through_affine
 
 Operand = Moments | torch.Tensor | numbers.Number
@@ -118,13 +121,19 @@ def _result(mean: torch.Tensor, var: torch.Tensor, out_shape, per_unit: bool,
 def _affine_constant(x: Moments, scale, shift, out_shape) -> Moments:
     """``scale * x + shift`` with constant scale and shift (numbers or tensors broadcastable to x)."""
     scale, shift = (_per_sample_constant(c, x) for c in (scale, shift))
-    if x.is_per_unit or _varies_within_channel(scale) or _varies_within_channel(shift):
+    varies = _varies_within_channel(scale)
+    if x.is_per_unit or varies or _varies_within_channel(shift):
         mean, var, third = x.unit_mean, x.unit_var, x.unit_third
-        return _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True,
-                       third=third_through_affine(third, scale))
-    scale, shift = _channel_form(scale), _channel_form(shift)
-    return _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False,
-                   third=third_through_affine(x.third, scale))
+        out = _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True,
+                      third=third_through_affine(third, scale))
+    else:
+        scale, shift = _channel_form(scale), _channel_form(shift)
+        out = _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False,
+                      third=third_through_affine(x.third, scale))
+    # a per-channel scale keeps the correlation between positions
+    if varies or out.shape != x.shape:
+        return out
+    return replace(out, neighbours=x.neighbours, channel_correlation=affine_correlation(x, _channel_form(scale)))
 
 
 def _pair(a: Moments, b: Moments) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,10 +154,25 @@ def _add(a: Operand, b: Operand, sign: float, alpha, out_shape) -> Moments:
         if a.third is not None and b.third is not None:  # third cumulants of independent operands add
             ta, tb = (a.unit_third, b.unit_third) if per_unit else (a.third, b.third)
             third = ta + scale_b**3 * tb
-        return _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit, third)
+        out = _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit, third)
+        if a.shape != b.shape or out.shape != a.shape:
+            return out
+        return replace(out, neighbours=_sum_template(a, b, scale_b), channel_correlation=sum_correlation(a, b, scale_b))
     if isinstance(a, Moments):
         return _affine_constant(a, 1.0, b * scale_b if scale_b != 1 else b, out_shape)
     return _affine_constant(b, scale_b, a, out_shape)
+
+
+def _sum_template(a: Moments, b: Moments, scale_b: float) -> torch.Tensor | None:
+    """The neighbour template of ``a + scale_b b`` (independent operands of one shape), or None."""
+    if a.neighbours is None and b.neighbours is None:
+        return None
+    dims = len(a.shape) - 1
+    like = a.neighbours if a.neighbours is not None else b.neighbours
+    radius = (like.shape[1] - 1) // 2
+    ta, tb = (t.neighbours if t.neighbours is not None else independent_template(t.channels, dims, t.loc, radius)
+              for t in (a, b))
+    return add_templates(a.unit_average_var, ta, scale_b**2 * b.unit_average_var, tb)
 
 
 @moment_rule("add")
@@ -175,10 +199,21 @@ def mul(a: Operand, b: Operand, *, out_shape: tuple[int, ...], **_) -> Moments:
         per_unit, ma, va, mb, vb = _pair(a, b)
         second = (va + ma * ma) * (vb + mb * mb)
         mean = ma * mb
-        return _result(mean, second - mean * mean, out_shape, per_unit)
+        out = _result(mean, second - mean * mean, out_shape, per_unit)
+        for x, gate in ((a, b), (b, a)):
+            if tuple(out_shape) == x.shape and gate.positions == 1 and x.positions > 1:
+                return replace(out, neighbours=_gated_template(x, gate), channel_correlation=gated_correlation(x, gate))
+        return out
     if isinstance(a, Moments):
         return _affine_constant(a, b, 0.0, out_shape)
     return _affine_constant(b, a, 0.0, out_shape)
+
+
+def _gated_template(x: Moments, gate: Moments) -> torch.Tensor | None:
+    """The neighbour template of ``x g`` for a gate ``g`` constant over positions (squeeze-excitation), or None."""
+    if x.neighbours is None:
+        return None
+    return product_template(x.mean, x.unit_average_var, x.neighbours, gate.mean, gate.var)
 
 
 @moment_rule("div")
@@ -206,13 +241,29 @@ def cat(*parts: Moments, dim: int = 0, out_shape: tuple[int, ...], **_) -> Momen
     if dim == 0:
         raise RuleError("cat along the batch dim has no moment rule")
     skewed = all(part.third is not None for part in parts)  # accurate mode: concatenate third cumulants too
+    neighbours = _concatenated_templates(parts) if dim == 1 else None
+    channel_correlation = concatenated_correlation(parts) if dim == 1 else None
     if dim == 1 and not any(part.is_per_unit for part in parts):
         third = torch.cat([p.third for p in parts]) if skewed else None
         return Moments(torch.cat([p.loc for p in parts]), torch.cat([p.spread for p in parts]), tuple(out_shape),
-                       third=third)
+                       third=third, neighbours=neighbours,
+                       channel_correlation=channel_correlation)
     mean = torch.cat([p.unit_mean for p in parts], dim=dim - 1)
     var = torch.cat([p.unit_var for p in parts], dim=dim - 1)
     third = torch.cat([p.unit_third for p in parts], dim=dim - 1) if skewed else None
     if len(out_shape) > 1:
-        return Moments(mean, var, tuple(mean.shape), third=third)
+        return Moments(mean, var, tuple(mean.shape), third=third, neighbours=neighbours,
+                       channel_correlation=channel_correlation)
     return Moments(mean, var, tuple(out_shape), third=third)
+
+
+def _concatenated_templates(parts: tuple[Moments, ...]) -> torch.Tensor | None:
+    """The parts' neighbour templates one after the other along channels (independent for a part without)."""
+    known = [part.neighbours for part in parts if part.neighbours is not None]
+    if not known or len(parts[0].shape) < 2:
+        return None
+    radius, dims = (known[0].shape[1] - 1) // 2, len(parts[0].shape) - 1
+    if any(t.shape[1:] != known[0].shape[1:] for t in known):
+        return None
+    return torch.cat([part.neighbours if part.neighbours is not None
+                      else independent_template(part.channels, dims, part.loc, radius) for part in parts])

@@ -1,0 +1,168 @@
+"""Correlation between the channels of one position (``accuracy="accurate"``): what 1x1 convolutions sum.
+
+A 1x1 convolution sums the channels of one position. AP2 takes them as independent, but channels that come from
+one earlier 1x1 expansion (an inverted residual block expands 24 channels to 144: the 144 span a 24-dimensional
+space before the activation) are correlated, and the projection back sums them: MobileNetV2's and
+EfficientNet-B0's projections measured 3-5% low per block, compounding with depth. With the same-position
+covariance ``S`` of its input, a 1x1 convolution's output covariance is exact: ``W S W^T`` (its variance the
+diagonal).
+
+The accurate mode carries the same-position **channel correlation** ``R`` (``[C, C]``, unit diagonal;
+covariance ``S = R * s s^T`` with ``s`` the per-channel std) through the ops of such blocks, and drops it (channels
+independent, AP2) after any other op:
+
+- **1x1 convolution / pointwise linear map**: ``S' = W S W^T`` (exact). Its neighbour template (module
+  :mod:`.neighbours`) then weighs each input channel's template by ``W[o,c] (S W^T)[c,o]`` instead of
+  ``W[o,c]^2 v_c``.
+- **depthwise convolution** ``y_c = sum_k W[c,k] x_c(p + d k)``: ``S'_cd = S_cd sum_e X_cd(e) r_cd(d e)``
+  with the cross-kernel correlation ``X_cd(e) = sum_k W[c,k] W[d,k+e]`` and the cross-position
+  correlation of two channels approximated by the mean of their neighbour templates,
+  ``r_cd(delta) = (rho_c(delta) + rho_d(delta))/2`` (exact on the diagonal).
+- **per-channel affine maps** (BatchNorm): ``R`` unchanged up to the signs of the scales.
+- **an elementwise activation**: Mehler's expansion per pair of channels,
+  ``cov(f_c(X_c), f_d(X_d)) = sum_n a_n^c a_n^d R_cd^n / n!`` with ``a_n^c = E[f(m_c + s_c Z) He_n(Z)]``.
+- **a sum of independent operands**: covariances add. **Concatenation**: block diagonal.
+- **a product with a gate constant over positions** (squeeze-excitation, gate independent of x):
+  ``cov = (S^x + m m^T) * (S^g + g g^T) - (m m^T) * (g g^T)`` elementwise.
+- **global average pooling**: ``S' = S * (q_c + q_d)/2 / N``, ``q`` the neighbour-template pooling factor
+  (:func:`.neighbours.pooled_variance_ratio`).
+
+Cost: ``O(C^2)`` memory per activation and ``O(C_out C_in^2)`` per 1x1 convolution; a depthwise convolution
+``O(C^2 K^2)``. Dense ``k x k`` convolutions drop it (their ``O(K^2 C^3)`` would dominate the pass).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..moments import Moments
+from .neighbours import HERMITE_TERMS, hermite_coefficients, pooled_variance_ratio
+
+__all__ = ["activation_correlation", "affine_correlation", "concatenated_correlation", "covariance_of",
+           "depthwise_correlation", "gated_correlation", "pointwise_correlation", "pooled_correlation",
+           "sum_correlation"]
+
+
+def covariance_of(x: Moments) -> torch.Tensor:
+    """The same-position channel covariance ``[C, C]`` of ``x`` (diagonal when no correlation is carried)."""
+    std = x.unit_average_var.clamp_min(0).sqrt()
+    if x.channel_correlation is None:
+        return torch.diag(std.square())
+    return x.channel_correlation * std.unsqueeze(0) * std.unsqueeze(1)
+
+
+def correlation_of(covariance: torch.Tensor) -> torch.Tensor:
+    """``S / (s s^T)`` with unit diagonal (zero rows for constant channels)."""
+    std = covariance.diagonal().clamp_min(0).sqrt()
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    correlation = (covariance / safe.unsqueeze(0) / safe.unsqueeze(1)).clamp(-1, 1)
+    correlation = correlation * (std > 0).unsqueeze(0) * (std > 0).unsqueeze(1)
+    eye = torch.eye(len(std), dtype=std.dtype, device=std.device)
+    return correlation * (1 - eye) + eye
+
+
+def pointwise_correlation(x: Moments, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output covariance ``W S W^T`` ``[O, O]`` and mixing weights ``M[o, c] = W[o,c] (S W^T)[c,o]`` of a 1x1
+    convolution or pointwise linear map ``weight`` ``[O, C, 1, ...]``."""
+    matrix = weight.reshape(weight.shape[0], weight.shape[1])
+    covariance = covariance_of(x).to(matrix.dtype)
+    projected = covariance @ matrix.T  # [C, O]
+    return matrix @ projected, matrix * projected.T
+
+
+def depthwise_correlation(x: Moments, weight: torch.Tensor, dilation) -> torch.Tensor | None:
+    """The output channel correlation of a depthwise convolution (``[C, 1, *k]`` weight), or None.
+
+    ``sum_e X_cd(e) (rho_c + rho_d)(d e)/2 = (G W^T + W G^T)_cd / 2`` with ``G[c, l] = sum_k W[c,k] rho_c(d (l-k))``
+    (the kernel correlated with its channel's template), so no ``[C, C]`` product per offset is formed."""
+    if x.channel_correlation is None:
+        return None
+    dims = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    dilation = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * dims
+    flat = weight.reshape(weight.shape[0], -1)  # [C, K]
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    template = x.neighbours
+    if template is None:
+        correlated = flat
+    else:
+        radius = (template.shape[1] - 1) // 2
+        size = 2 * radius + 1
+        index, inside = [], []
+        for first in taps:
+            for second in taps:
+                shift = [(b - a) * d for a, b, d in zip(first, second, dilation, strict=True)]
+                inside.append(all(abs(t) <= radius for t in shift))
+                position = 0
+                for t in shift:
+                    position = position * size + min(max(t, -radius), radius) + radius
+                index.append(position)
+        rho = template.reshape(template.shape[0], -1)[:, torch.tensor(index, device=flat.device)]
+        rho = (rho * torch.tensor(inside, dtype=rho.dtype, device=rho.device)).reshape(-1, len(taps), len(taps))
+        correlated = torch.einsum("ck,ckl->cl", flat, rho.to(flat.dtype))
+    factor = 0.5 * (correlated @ flat.T + flat @ correlated.T)
+    return correlation_of(covariance_of(x) * factor)
+
+
+def affine_correlation(x: Moments, scale: torch.Tensor) -> torch.Tensor | None:
+    """The channel correlation after a per-channel scale ``[C]`` (flips with the signs)."""
+    if x.channel_correlation is None:
+        return None
+    sign = torch.sign(scale).reshape(-1)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign).expand(x.channels)
+    return x.channel_correlation * sign.unsqueeze(0) * sign.unsqueeze(1)
+
+
+def activation_correlation(function: Callable[[torch.Tensor], torch.Tensor], x: Moments) -> torch.Tensor | None:
+    """The channel correlation of ``f(X)`` from that of X (Mehler's expansion, module docstring)."""
+    if x.channel_correlation is None:
+        return None
+    coefficients = hermite_coefficients(function, x.mean, x.unit_average_var)  # [C, N]
+    correlation = x.channel_correlation.to(coefficients.dtype)
+    covariance = torch.zeros_like(correlation)
+    power = torch.ones_like(correlation)
+    for n in range(HERMITE_TERMS):
+        power = power * correlation
+        covariance = covariance + coefficients[:, n].unsqueeze(1) * coefficients[:, n].unsqueeze(0) * power
+    return correlation_of(covariance).to(x.channel_correlation.dtype)
+
+
+def sum_correlation(a: Moments, b: Moments, scale_b: float) -> torch.Tensor | None:
+    """The channel correlation of ``a + scale_b b`` for independent operands of one shape, or None."""
+    if a.channel_correlation is None and b.channel_correlation is None:
+        return None
+    return correlation_of(covariance_of(a) + scale_b**2 * covariance_of(b))
+
+
+def gated_correlation(x: Moments, gate: Moments) -> torch.Tensor | None:
+    """The channel correlation of ``x g`` for a gate constant over positions, independent of x."""
+    if x.channel_correlation is None and gate.channel_correlation is None:
+        return None
+    mean, gate_mean = x.mean, gate.mean
+    outer, gate_outer = mean.unsqueeze(1) * mean.unsqueeze(0), gate_mean.unsqueeze(1) * gate_mean.unsqueeze(0)
+    covariance = (covariance_of(x) + outer) * (covariance_of(gate) + gate_outer) - outer * gate_outer
+    return correlation_of(covariance)
+
+
+def pooled_correlation(x: Moments) -> torch.Tensor | None:
+    """The channel correlation of a global average pool of ``x`` (``[C, *S]`` to ``[C, 1, ...]``), or None."""
+    if x.channel_correlation is None:
+        return None
+    if x.neighbours is None:
+        return x.channel_correlation
+    factor = pooled_variance_ratio(x.neighbours, tuple(x.shape[1:]))
+    scale = 0.5 * (factor.unsqueeze(0) + factor.unsqueeze(1)) / math.prod(x.shape[1:])
+    return correlation_of(covariance_of(x) * scale)
+
+
+def concatenated_correlation(parts: tuple[Moments, ...]) -> torch.Tensor | None:
+    """Block-diagonal channel correlation of a concatenation along channels, or None."""
+    if all(part.channel_correlation is None for part in parts):
+        return None
+    blocks = [part.channel_correlation if part.channel_correlation is not None
+              else torch.eye(part.channels, dtype=part.loc.dtype, device=part.loc.device) for part in parts]
+    return torch.block_diag(*blocks)
