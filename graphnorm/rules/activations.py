@@ -33,7 +33,7 @@ from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .channel_correlation import activation_correlation
 from .gaussian import Z_LIMIT, interval_moments, legendre_nodes, safe_std
-from .neighbours import activation_template
+from .neighbours import activation_template, hermite_coefficients
 from .skewness import activation_with_skew
 
 # Gauss-Legendre nodes per panel for the remainder of smooth activations (two panels, split at 0).
@@ -190,11 +190,13 @@ def _elementwise(x: Moments, moments_fn: MomentsFn, function: Callable[[torch.Te
     third = None
     if x.third is not None:  # accurate mode: correct for the input's skewness, pass the output's on
         mean, var, third = activation_with_skew(function, x.loc, x.spread, x.third, mean, var)
-    neighbours = None
-    if x.neighbours is not None:  # accurate mode: the correlation of neighbours through f (Mehler)
-        neighbours = activation_template(function, x.mean, x.unit_average_var, x.neighbours)
-    out = Moments(mean, var, x.shape, third=third, neighbours=neighbours,
-                  channel_correlation=activation_correlation(function, x))
+    neighbours = channel_correlation = None
+    if x.neighbours is not None or x.channel_correlation is not None:  # accurate mode: correlations through f
+        coefficients = hermite_coefficients(function, x.mean, x.unit_average_var)  # Mehler's formula
+        if x.neighbours is not None:
+            neighbours = activation_template(coefficients, x.neighbours)
+        channel_correlation = activation_correlation(coefficients, x)
+    out = Moments(mean, var, x.shape, third=third, neighbours=neighbours, channel_correlation=channel_correlation)
     return out if again is None else out.with_monotone_source(MonotoneSource(function, again, x, piecewise))
 
 

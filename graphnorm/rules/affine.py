@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..moments import Moments
 from . import moment_rule
+from .arguments import as_tuple
 from .channel_correlation import affine_correlation, correlation_of, depthwise_correlation, pointwise_correlation
 from .correlated import correlated_conv_variance, correlated_linear_variance
 from .kernels import kernel_moments
@@ -56,7 +57,7 @@ def _padding_for_unit_maps(x: torch.Tensor, padding, padding_mode: str, dims: in
     """Pad maps explicitly for non-zero padding modes; return (maps-transform, conv padding)."""
     if padding_mode == "zeros" or isinstance(padding, str):
         return x, padding
-    pads = padding if isinstance(padding, (tuple, list)) else (padding,) * dims
+    pads = as_tuple(padding, dims)
     flat = [p for size in reversed(pads) for p in (size, size)]
     return F.pad(x, flat, mode=padding_mode), 0
 
@@ -145,7 +146,7 @@ def conv_transpose(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | Non
         mean = conv_fn(x.loc.unsqueeze(0), weight, bias, stride, padding, output_padding, groups, dilation)[0]
         var = conv_fn(x.spread.unsqueeze(0), square, None, stride, padding, output_padding, groups, dilation)[0]
         return Moments.per_unit(mean, var)
-    stride, padding, dilation = (_as_tuple(v, dims) for v in (stride, padding, dilation))
+    stride, padding, dilation = (as_tuple(v, dims) for v in (stride, padding, dilation))
     in_channels, out_per_group = weight.shape[0], weight.shape[1]
     kernel_size = weight.shape[2:]
     phase_of_tap = [
@@ -174,10 +175,6 @@ def _grouped_matvec(kernel: torch.Tensor, values: torch.Tensor, groups: int) -> 
     in_channels, out_per_group = kernel.shape
     per_group = kernel.reshape(groups, in_channels // groups, out_per_group)
     return torch.einsum("gcj,gc->gj", per_group, values.reshape(groups, -1)).reshape(-1)
-
-
-def _as_tuple(value, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
 def batch_norm_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor | None,

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 
 import torch
 
 from ..moments import Moments
-from .neighbours import HERMITE_TERMS, hermite_coefficients, pooled_variance_ratio
+from .arguments import as_tuple
+from .neighbours import HERMITE_TERMS, gathered_template, pooled_variance_ratio
 
 __all__ = ["activation_correlation", "affine_correlation", "concatenated_correlation", "covariance_of",
            "depthwise_correlation", "gated_correlation", "pointwise_correlation", "pooled_correlation",
@@ -83,27 +83,18 @@ def depthwise_correlation(x: Moments, weight: torch.Tensor, dilation) -> torch.T
         return None
     dims = weight.dim() - 2
     kernel = tuple(weight.shape[2:])
-    dilation = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * dims
     flat = weight.reshape(weight.shape[0], -1)  # [C, K]
-    taps = list(itertools.product(*(range(k) for k in kernel)))
-    template = x.neighbours
-    if template is None:
+    if x.neighbours is None:
         correlated = flat
     else:
-        radius = (template.shape[1] - 1) // 2
-        size = 2 * radius + 1
-        index, inside = [], []
-        for first in taps:
-            for second in taps:
-                shift = [(b - a) * d for a, b, d in zip(first, second, dilation, strict=True)]
-                inside.append(all(abs(t) <= radius for t in shift))
-                position = 0
-                for t in shift:
-                    position = position * size + min(max(t, -radius), radius) + radius
-                index.append(position)
-        rho = template.reshape(template.shape[0], -1)[:, torch.tensor(index, device=flat.device)]
-        rho = (rho * torch.tensor(inside, dtype=rho.dtype, device=rho.device)).reshape(-1, len(taps), len(taps))
-        correlated = torch.einsum("ck,ckl->cl", flat, rho.to(flat.dtype))
+        # rho_c(d (l - k)) for every pair of taps (k, l): the template at the tap offsets, indexed by offset
+        at_offsets = gathered_template(x.neighbours, 0, (1,) * dims, as_tuple(dilation, dims), kernel)[:, 0]
+        taps = list(itertools.product(*(range(k) for k in kernel)))
+        offsets = list(itertools.product(*(range(-(k - 1), k) for k in kernel)))
+        position = {offset: i for i, offset in enumerate(offsets)}
+        pair_index = torch.tensor([[position[tuple(b - a for a, b in zip(first, second, strict=True))]
+                                    for second in taps] for first in taps], device=flat.device)
+        correlated = torch.einsum("ck,ckl->cl", flat, at_offsets[:, pair_index].to(flat.dtype))
     factor = 0.5 * (correlated @ flat.T + flat @ correlated.T)
     return correlation_of(covariance_of(x) * factor)
 
@@ -117,11 +108,11 @@ def affine_correlation(x: Moments, scale: torch.Tensor) -> torch.Tensor | None:
     return x.channel_correlation * sign.unsqueeze(0) * sign.unsqueeze(1)
 
 
-def activation_correlation(function: Callable[[torch.Tensor], torch.Tensor], x: Moments) -> torch.Tensor | None:
-    """The channel correlation of ``f(X)`` from that of X (Mehler's expansion, module docstring)."""
+def activation_correlation(coefficients: torch.Tensor, x: Moments) -> torch.Tensor | None:
+    """The channel correlation of ``f(X)`` from that of X, from f's Hermite coefficients at X's moments
+    (:func:`.neighbours.hermite_coefficients` ``[C, N]``; Mehler's expansion, module docstring)."""
     if x.channel_correlation is None:
         return None
-    coefficients = hermite_coefficients(function, x.mean, x.unit_average_var)  # [C, N]
     correlation = x.channel_correlation.to(coefficients.dtype)
     covariance = torch.zeros_like(correlation)
     power = torch.ones_like(correlation)

@@ -40,19 +40,19 @@ import itertools
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..moments import Moments
+from .arguments import as_tuple
+from .skewness import hermite_nodes
 
 __all__ = ["HERMITE_TERMS", "RADIUS", "activation_template", "add_templates", "correlated_output",
-           "hermite_coefficients", "independent_template", "linear_map_template", "pooled_variance_ratio",
-           "product_template"]
+           "gathered_template", "hermite_coefficients", "independent_template", "kernel_autocorrelation",
+           "linear_map_template", "pooled_variance_ratio", "product_template", "template_of"]
 
 RADIUS = 2
 HERMITE_TERMS = 12
-_QUADRATURE_NODES = 64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -63,14 +63,20 @@ def independent_template(channels: int, dims: int, like: torch.Tensor, radius: i
     return template
 
 
+def template_of(x: Moments, radius: int = RADIUS) -> torch.Tensor:
+    """``x``'s neighbour template, or the independent one (of ``radius``) when it carries none."""
+    if x.neighbours is not None:
+        return x.neighbours
+    return independent_template(x.channels, len(x.shape) - 1, x.loc, radius)
+
+
 def _radius(template: torch.Tensor) -> int:
     return (template.shape[1] - 1) // 2
 
 
-def kernel_autocorrelation(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
+def kernel_autocorrelation(weight: torch.Tensor) -> torch.Tensor:
     """``A[o, c, e] = sum_k W[o,c,k] W[o,c,k+e]`` for tap offsets ``e`` in ``[-(K-1), K-1]`` per dim
-    (shape ``[O, C/g, 2K-1, ...]``; dilation does not change it, only which input offset ``d e`` it meets)."""
-    del dilation
+    (shape ``[O, C/g, 2K-1, ...]``; a dilation does not change it, only which input offset ``d e`` it meets)."""
     out_channels, per_group = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
     dims = len(kernel)
@@ -81,7 +87,7 @@ def kernel_autocorrelation(weight: torch.Tensor, dilation: tuple[int, ...]) -> t
     return auto.reshape(out_channels, per_group, *auto.shape[2:])
 
 
-def _gathered_template(template: torch.Tensor, out_radius: int, stride: tuple[int, ...], dilation: tuple[int, ...],
+def gathered_template(template: torch.Tensor, out_radius: int, stride: tuple[int, ...], dilation: tuple[int, ...],
                        tap_span: tuple[int, ...]) -> torch.Tensor:
     """``G[c, D, e] = rho_c(s D + d e)`` (0 beyond the template's radius) for output offsets ``D`` in
     ``[-out_radius, out_radius]`` and tap offsets ``e`` in ``[-(K-1), K-1]``, flattened to ``[C, D, E]``."""
@@ -109,14 +115,14 @@ def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch
     (see the module docstring). ``pair_weights`` ``[O, C]`` (a 1x1 convolution of correlated channels,
     :mod:`.channel_correlation`) replaces ``W[o,c]^2 v_c`` as the weight of input channel c's template."""
     dims = weight.dim() - 2
-    stride, dilation = (_as_tuple(value, dims) for value in (stride, dilation))
-    auto = kernel_autocorrelation(weight, dilation)  # [O, C/g, 2K-1, ...]
-    gathered = _gathered_template(template, out_radius, stride, dilation, tuple(weight.shape[2:]))  # [C, D, E]
+    stride, dilation = (as_tuple(value, dims) for value in (stride, dilation))
+    auto = kernel_autocorrelation(weight)  # [O, C/g, 2K-1, ...]
+    gathered = gathered_template(template, out_radius, stride, dilation, tuple(weight.shape[2:]))  # [C, D, E]
     out_channels, per_group = weight.shape[:2]
-    weighted = gathered * var.reshape(-1, 1, 1)
     if pair_weights is not None:
         covariance = torch.einsum("oc,cd->od", pair_weights, gathered[:, :, 0])
     else:
+        weighted = gathered * var.reshape(-1, 1, 1)
         covariance = torch.einsum("gjce,gcde->gjd", auto.reshape(groups, out_channels // groups, per_group, -1),
                                   weighted.reshape(groups, per_group, *weighted.shape[1:]))
     covariance = covariance.reshape(out_channels, *(2 * out_radius + 1,) * dims)
@@ -137,9 +143,8 @@ def correlated_output(x: Moments, out: Moments, weight: torch.Tensor, *, stride=
     """``out`` (a linear map's output under AP2, per channel or per unit) with its variance scaled by the
     correlated/independent ratio of its channel and the output template attached. ``variance_known``: the
     variance already accounts for correlation (the model input's full template), only attach the template."""
-    dims = weight.dim() - 2
-    template = x.neighbours if x.neighbours is not None else independent_template(x.channels, dims, x.loc)
-    correlated, independent, out_template = linear_map_template(template, x.unit_average_var, weight, stride=stride,
+    correlated, independent, out_template = linear_map_template(template_of(x), x.unit_average_var, weight,
+                                                                stride=stride,
                                                                 dilation=dilation, groups=groups,
                                                                 pair_weights=pair_weights)
     if variance_known:
@@ -150,38 +155,34 @@ def correlated_output(x: Moments, out: Moments, weight: torch.Tensor, *, stride=
     return Moments(out.loc, spread, out.shape, third=out.third, neighbours=out_template)
 
 
-def _as_tuple(value, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
-
-def _hermite_table(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gauss-Hermite nodes, weights (normalized to N(0, 1)) and ``He_n(node)/sqrt(n!)``, n = 1..HERMITE_TERMS."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_NODES)
-    polys = [np.ones_like(nodes), nodes]
+def _hermite_polynomials(like: torch.Tensor) -> torch.Tensor:
+    """``He_n(node)/sqrt(n!)`` ``[HERMITE_TERMS, Q]`` at the Gauss-Hermite nodes, n = 1..HERMITE_TERMS (the
+    recurrence ``He_{n+1} = x He_n - n He_{n-1}`` in float64), in the dtype of ``like``."""
+    exact, _ = hermite_nodes(like.new_empty(0, dtype=torch.float64))
+    polys = [torch.ones_like(exact), exact]
     for n in range(1, HERMITE_TERMS):
-        polys.append(nodes * polys[n] - n * polys[n - 1])
-    scaled = np.stack([polys[n] / math.sqrt(math.factorial(n)) for n in range(1, HERMITE_TERMS + 1)])
-    as_tensor = lambda array: torch.tensor(array, dtype=like.dtype, device=like.device)  # noqa: E731
-    return as_tensor(nodes), as_tensor(weights / math.sqrt(2 * math.pi)), as_tensor(scaled)
+        polys.append(exact * polys[n] - n * polys[n - 1])
+    scaled = torch.stack([polys[n] / math.sqrt(math.factorial(n)) for n in range(1, HERMITE_TERMS + 1)])
+    return scaled.to(like.dtype)
 
 
 def hermite_coefficients(function: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, var: torch.Tensor
                          ) -> torch.Tensor:
-    """``a_n / sqrt(n!)`` ``[C, HERMITE_TERMS]``, n = 1.., with ``a_n = E[f(m + s Z) He_n(Z)]`` per channel
-    (float32 or better: Hermite polynomials of degree 12 overflow float16)."""
+    """``a_n / sqrt(n!)`` ``[C, HERMITE_TERMS]``, n = 1.., with ``a_n = E[f(m + s Z) He_n(Z)]`` per channel, by
+    the Gauss-Hermite nodes of :mod:`.skewness` (float32 or better: Hermite polynomials of degree 12
+    overflow float16)."""
     mean, var = _at_least_float32(mean), _at_least_float32(var)
-    nodes, weights, hermite = _hermite_table(mean)
+    nodes, weights = hermite_nodes(mean)
     values = function(mean.unsqueeze(-1) + var.clamp_min(0).sqrt().unsqueeze(-1) * nodes)  # [C, Q]
-    return torch.einsum("cq,q,nq->cn", values, weights, hermite)
+    return torch.einsum("cq,q,nq->cn", values, weights, _hermite_polynomials(mean))
 
 
-def activation_template(function: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                        template: torch.Tensor) -> torch.Tensor:
-    """The template of ``f(X)`` for X Gaussian per channel (``mean``/``var`` ``[C]``) with neighbour template
-    ``template``: Mehler's expansion (module docstring)."""
+def activation_template(coefficients: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """The template of ``f(X)`` for X Gaussian per channel with neighbour template ``template``, from f's
+    :func:`hermite_coefficients` at X's moments: Mehler's expansion (module docstring)."""
     dtype = template.dtype
     template = _at_least_float32(template)
-    energy = hermite_coefficients(function, mean, var).square()  # [C, N]
+    energy = coefficients.square()  # [C, N]
     total = energy.sum(-1)
     powers = torch.stack([template**n for n in range(1, HERMITE_TERMS + 1)], dim=-1)  # [C, ..., N]
     shaped = energy.reshape(energy.shape[0], *(1,) * (template.dim() - 1), -1)

@@ -27,13 +27,10 @@ from ..errors import RuleError
 from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .activations import centered_piecewise
+from .arguments import as_tuple
 from .channel_correlation import pooled_correlation
 from .gaussian import max_interval_moments, max_order_statistics, max_quadrature, max_third_cumulant, safe_std
-from .neighbours import correlated_output, pooled_variance_ratio
-
-
-def _as_tuple(value, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+from .neighbours import correlated_output, linear_map_template, pooled_variance_ratio
 
 
 def _as_2d(maps: torch.Tensor) -> torch.Tensor:
@@ -42,8 +39,8 @@ def _as_2d(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _window_geometry(dims: int, kernel_size, stride, padding, dilation=1):
-    kernel, step = _as_tuple(kernel_size, dims), _as_tuple(stride or kernel_size, dims)
-    pad, dil = _as_tuple(padding, dims), _as_tuple(dilation, dims)
+    kernel, step = as_tuple(kernel_size, dims), as_tuple(stride or kernel_size, dims)
+    pad, dil = as_tuple(padding, dims), as_tuple(dilation, dims)
     if dims == 1:
         return (1, *kernel), (1, *step), (0, *pad), (1, *dil)
     return kernel, step, pad, dil
@@ -58,15 +55,15 @@ def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, cei
                     out_shape=out_shape)
     if x.neighbours is None:
         return out
-    dims = len(x.shape) - 1
-    window = _uniform_window(x, kernel_size, dims)
-    proxy = correlated_output(x, out, window, stride=stride or kernel_size, dilation=dilation, groups=x.channels)
-    return out.with_neighbours(proxy.neighbours)
+    window = _uniform_window(x, kernel_size, len(x.shape) - 1)
+    *_, template = linear_map_template(x.neighbours, x.unit_average_var, window, stride=stride or kernel_size,
+                                       dilation=dilation, groups=x.channels)
+    return out.with_neighbours(template)
 
 
 def _uniform_window(x: Moments, kernel_size, dims: int) -> torch.Tensor:
     """The averaging kernel of a pooling window as a depthwise conv weight ``[C, 1, *k]``."""
-    kernel = _as_tuple(kernel_size, dims)
+    kernel = as_tuple(kernel_size, dims)
     return x.loc.new_full((x.channels, 1, *kernel), 1.0 / math.prod(kernel))
 
 
@@ -79,7 +76,7 @@ def _max_pool(x: Moments, *, kernel_size, stride, padding, dilation, out_shape: 
     if source is not None:
         x = source.pre_activation
     if not x.is_per_unit:
-        window = math.prod(_as_tuple(kernel_size, dims))
+        window = math.prod(as_tuple(kernel_size, dims))
         return _max_of_iid(x.loc, x.spread, window, source, tuple(out_shape), skewed=skewed)
     kernel, step, pad, dil = _window_geometry(dims, kernel_size, stride, padding, dilation)
     means, variances, valid = _unfold_windows(x, kernel, step, pad, dil, out_shape)
@@ -195,7 +192,7 @@ def _avg_pool(x: Moments, *, kernel_size, stride, padding, ceil_mode: bool, coun
               divisor_override, out_shape: tuple[int, ...]) -> Moments:
     dims = len(x.shape) - 1
     if not x.is_per_unit:
-        window = math.prod(_as_tuple(kernel_size, dims))
+        window = math.prod(as_tuple(kernel_size, dims))
         divisor = divisor_override or window
         return Moments.per_channel(x.loc * (window / divisor), x.spread * (window / divisor**2), tuple(out_shape))
     kernel, step, pad, _dil = _window_geometry(dims, kernel_size, stride, padding)

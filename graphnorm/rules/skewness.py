@@ -28,14 +28,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["MAX_SKEW", "activation_with_skew", "third_through_affine"]
+__all__ = ["MAX_SKEW", "activation_with_skew", "hermite_nodes", "third_through_affine"]
 
 MAX_SKEW = 1.0
 _NODES = 64
 _HERMITE_CACHE: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _hermite(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hermite_nodes(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilists' Gauss-Hermite nodes and weights normalized to the standard normal density."""
     key = (like.dtype, like.device)
     if key not in _HERMITE_CACHE:
@@ -51,7 +51,7 @@ def activation_with_skew(function: Callable[[torch.Tensor], torch.Tensor], mean:
     """Mean, variance and third central moment of ``function(X)``, X of the given mean, variance and third
     central moment, under the Gram-Charlier density; ``gaussian_mean``/``gaussian_var`` are the exact
     Gaussian-input moments (the activation's closed-form rule), corrected here for the skewness."""
-    nodes, weights = _hermite(mean)
+    nodes, weights = hermite_nodes(mean)
     std = var.clamp_min(0).sqrt()
     skew = torch.where(std > 0, third / std.clamp_min(1e-30) ** 3, torch.zeros_like(third)).clamp(-MAX_SKEW, MAX_SKEW)
     center = function(mean)

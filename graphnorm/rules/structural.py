@@ -18,7 +18,7 @@ from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
 from .channel_correlation import affine_correlation, concatenated_correlation, gated_correlation, sum_correlation
-from .neighbours import add_templates, independent_template, product_template
+from .neighbours import add_templates, product_template, template_of
 from .skewness import third_through_affine
 
 Operand = Moments | torch.Tensor | numbers.Number
@@ -167,12 +167,10 @@ def _sum_template(a: Moments, b: Moments, scale_b: float) -> torch.Tensor | None
     """The neighbour template of ``a + scale_b b`` (independent operands of one shape), or None."""
     if a.neighbours is None and b.neighbours is None:
         return None
-    dims = len(a.shape) - 1
     like = a.neighbours if a.neighbours is not None else b.neighbours
     radius = (like.shape[1] - 1) // 2
-    ta, tb = (t.neighbours if t.neighbours is not None else independent_template(t.channels, dims, t.loc, radius)
-              for t in (a, b))
-    return add_templates(a.unit_average_var, ta, scale_b**2 * b.unit_average_var, tb)
+    return add_templates(a.unit_average_var, template_of(a, radius), scale_b**2 * b.unit_average_var,
+                         template_of(b, radius))
 
 
 @moment_rule("add")
@@ -262,8 +260,7 @@ def _concatenated_templates(parts: tuple[Moments, ...]) -> torch.Tensor | None:
     known = [part.neighbours for part in parts if part.neighbours is not None]
     if not known or len(parts[0].shape) < 2:
         return None
-    radius, dims = (known[0].shape[1] - 1) // 2, len(parts[0].shape) - 1
     if any(t.shape[1:] != known[0].shape[1:] for t in known):
         return None
-    return torch.cat([part.neighbours if part.neighbours is not None
-                      else independent_template(part.channels, dims, part.loc, radius) for part in parts])
+    radius = (known[0].shape[1] - 1) // 2
+    return torch.cat([template_of(part, radius) for part in parts])
