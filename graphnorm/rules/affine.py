@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from ..moments import Moments
 from . import moment_rule
 from .arguments import as_tuple
-from .channel_correlation import affine_correlation, correlation_of, depthwise_correlation, pointwise_correlation
+from .channel_correlation import (
+    affine_correlation,
+    conv_correlation,
+    correlation_affordable,
+    correlation_of,
+    depthwise_correlation,
+)
 from .correlated import correlated_conv_variance, correlated_linear_variance
 from .kernels import kernel_moments
 from .neighbours import correlated_output
@@ -83,10 +89,11 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     if x.neighbours is None and x.correlation is not None:  # the model input: its template's diagonal
         x = x.with_neighbours(torch.diagonal(x.correlation, dim1=0, dim2=1).movedim(-1, 0))
     variance_known = x.correlation is not None and padding_mode == "zeros"
-    if groups == 1 and all(size == 1 for size in weight.shape[2:]) and not variance_known:
-        # a 1x1 convolution sums the channels of one position: their correlation (graphnorm.rules.channel_correlation)
-        covariance, pair_weights = pointwise_correlation(x, weight)
-        out = correlated_output(x, out, weight, stride=stride, groups=groups, pair_weights=pair_weights)
+    if groups == 1 and correlation_affordable(weight):
+        # the channels a convolution sums are correlated (graphnorm.rules.channel_correlation)
+        covariance, cross_weights = conv_correlation(x, weight, dilation)
+        out = correlated_output(x, out, weight, stride=stride, dilation=dilation, groups=groups,
+                                variance_known=variance_known, cross_weights=cross_weights)
         return replace(out, channel_correlation=correlation_of(covariance))
     out = correlated_output(x, out, weight, stride=stride, dilation=dilation, groups=groups,
                             variance_known=variance_known)

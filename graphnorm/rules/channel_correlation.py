@@ -40,11 +40,11 @@ import torch
 
 from ..moments import Moments
 from .arguments import as_tuple
-from .neighbours import HERMITE_TERMS, gathered_template, pooled_variance_ratio
+from .neighbours import HERMITE_TERMS, gathered_template, kernel_cross_correlation, pooled_variance_ratio
 
-__all__ = ["activation_correlation", "affine_correlation", "concatenated_correlation", "covariance_of",
-           "depthwise_correlation", "gated_correlation", "pointwise_correlation", "pooled_correlation",
-           "sum_correlation"]
+__all__ = ["CORRELATION_BUDGET", "activation_correlation", "affine_correlation", "concatenated_correlation",
+           "conv_correlation", "correlation_affordable", "covariance_of", "depthwise_correlation", "gated_correlation",
+           "pooled_correlation", "sum_correlation", "template_correlated_kernel"]
 
 
 def covariance_of(x: Moments) -> torch.Tensor:
@@ -65,13 +65,51 @@ def correlation_of(covariance: torch.Tensor) -> torch.Tensor:
     return correlation * (1 - eye) + eye
 
 
-def pointwise_correlation(x: Moments, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output covariance ``W S W^T`` ``[O, O]`` and mixing weights ``M[o, c] = W[o,c] (S W^T)[c,o]`` of a 1x1
-    convolution or pointwise linear map ``weight`` ``[O, C, 1, ...]``."""
-    matrix = weight.reshape(weight.shape[0], weight.shape[1])
-    covariance = covariance_of(x).to(matrix.dtype)
-    projected = covariance @ matrix.T  # [C, O]
-    return matrix @ projected, matrix * projected.T
+CORRELATION_BUDGET = 4 * 10**9
+"""Multiply-adds above which a convolution drops the channel correlation (:func:`correlation_affordable`)."""
+
+
+def correlation_affordable(weight: torch.Tensor) -> bool:
+    """Whether :func:`conv_correlation` of ``weight`` ``[O, C, *K]`` costs at most :data:`CORRELATION_BUDGET`
+    multiply-adds (``K O C (C + O)`` for the covariance, ``O C K (2K-1)^d`` for the cross weights). VGG's and
+    ResNet-50's largest convolutions are within it."""
+    out_channels, in_channels = weight.shape[:2]
+    taps = math.prod(weight.shape[2:])
+    offsets = math.prod(2 * k - 1 for k in weight.shape[2:])
+    return taps * out_channels * in_channels * (in_channels + out_channels + offsets) <= CORRELATION_BUDGET
+
+
+def conv_correlation(x: Moments, weight: torch.Tensor, dilation=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output covariance ``[O, O]`` and cross weights ``B[o, c, e]`` (``[O, C, 2K-1, ...]``, for the output's
+    neighbour template: :func:`.neighbours.linear_map_template`) of a convolution with ``groups=1`` (``weight``
+    ``[O, C, *K]``; a 1x1 convolution or pointwise linear map is ``K = 1``).
+
+    With the cross-position covariance of two channels approximated by ``S_cd (rho_c + rho_d)/2``:
+    ``cov(y_o, y_p) = (A + A^T)_op / 2``, ``A = sum_l G_l S W_l^T`` with ``G[o, c, l] = sum_k W[o,c,k]
+    rho_c(d (l-k))`` (:func:`template_correlated_kernel`), and ``B[o, c, e] = sum_k W[o,c,k] P[o,c,k+e]``,
+    ``P[o, c, l] = (S W_l^T)[c, o]``. For ``K = 1``: ``W S W^T`` (exact) and ``B = W[o,c] (S W^T)[c,o]``."""
+    out_channels, in_channels = weight.shape[:2]
+    flat = weight.reshape(out_channels, in_channels, -1)  # [O, C, K]
+    covariance = covariance_of(x).to(flat.dtype)
+    projected = torch.einsum("cd,odk->ock", covariance, flat)  # P
+    correlated = flat if x.neighbours is None else template_correlated_kernel(flat, x.neighbours, weight.shape[2:],
+                                                                             dilation)
+    product = torch.einsum("ock,pck->op", correlated, projected)
+    return 0.5 * (product + product.T), kernel_cross_correlation(weight, projected.reshape(weight.shape))
+
+
+def template_correlated_kernel(flat: torch.Tensor, template: torch.Tensor, kernel: tuple[int, ...], dilation
+                               ) -> torch.Tensor:
+    """``G[o, c, l] = sum_k W[o,c,k] rho_c(d (l-k))``: a kernel ``[O, C, K]`` (taps flattened from ``kernel``)
+    correlated with its input channel's neighbour template ``[C, 2R+1, ...]`` (0 beyond the template)."""
+    dims = len(kernel)
+    at_offsets = gathered_template(template, 0, (1,) * dims, as_tuple(dilation, dims), tuple(kernel))[:, 0]
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    offsets = list(itertools.product(*(range(-(k - 1), k) for k in kernel)))
+    position = {offset: i for i, offset in enumerate(offsets)}
+    pair_index = torch.tensor([[position[tuple(b - a for a, b in zip(first, second, strict=True))]
+                                for second in taps] for first in taps], device=flat.device)
+    return torch.einsum("ock,ckl->ocl", flat, at_offsets[:, pair_index].to(flat.dtype))
 
 
 def depthwise_correlation(x: Moments, weight: torch.Tensor, dilation) -> torch.Tensor | None:
@@ -81,20 +119,9 @@ def depthwise_correlation(x: Moments, weight: torch.Tensor, dilation) -> torch.T
     (the kernel correlated with its channel's template), so no ``[C, C]`` product per offset is formed."""
     if x.channel_correlation is None:
         return None
-    dims = weight.dim() - 2
-    kernel = tuple(weight.shape[2:])
     flat = weight.reshape(weight.shape[0], -1)  # [C, K]
-    if x.neighbours is None:
-        correlated = flat
-    else:
-        # rho_c(d (l - k)) for every pair of taps (k, l): the template at the tap offsets, indexed by offset
-        at_offsets = gathered_template(x.neighbours, 0, (1,) * dims, as_tuple(dilation, dims), kernel)[:, 0]
-        taps = list(itertools.product(*(range(k) for k in kernel)))
-        offsets = list(itertools.product(*(range(-(k - 1), k) for k in kernel)))
-        position = {offset: i for i, offset in enumerate(offsets)}
-        pair_index = torch.tensor([[position[tuple(b - a for a, b in zip(first, second, strict=True))]
-                                    for second in taps] for first in taps], device=flat.device)
-        correlated = torch.einsum("ck,ckl->cl", flat, at_offsets[:, pair_index].to(flat.dtype))
+    correlated = flat if x.neighbours is None else template_correlated_kernel(
+        flat.unsqueeze(0), x.neighbours, tuple(weight.shape[2:]), dilation)[0]
     factor = 0.5 * (correlated @ flat.T + flat @ correlated.T)
     return correlation_of(covariance_of(x) * factor)
 

@@ -49,6 +49,7 @@ from .skewness import hermite_nodes
 
 __all__ = ["HERMITE_TERMS", "RADIUS", "activation_template", "add_templates", "correlated_output",
            "gathered_template", "hermite_coefficients", "independent_template", "kernel_autocorrelation",
+           "kernel_cross_correlation",
            "linear_map_template", "pooled_variance_ratio", "product_template", "template_of"]
 
 RADIUS = 2
@@ -77,14 +78,20 @@ def _radius(template: torch.Tensor) -> int:
 def kernel_autocorrelation(weight: torch.Tensor) -> torch.Tensor:
     """``A[o, c, e] = sum_k W[o,c,k] W[o,c,k+e]`` for tap offsets ``e`` in ``[-(K-1), K-1]`` per dim
     (shape ``[O, C/g, 2K-1, ...]``; a dilation does not change it, only which input offset ``d e`` it meets)."""
+    return kernel_cross_correlation(weight, weight)
+
+
+def kernel_cross_correlation(weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``B[o, c, e] = sum_k W[o,c,k] V[o,c,k+e]`` of two kernels of one shape ``[O, C/g, *K]``, for tap offsets
+    ``e`` in ``[-(K-1), K-1]`` per dim (shape ``[O, C/g, 2K-1, ...]``)."""
     out_channels, per_group = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
     dims = len(kernel)
-    flat = weight.reshape(1, out_channels * per_group, *kernel)
+    flat_other = other.reshape(1, out_channels * per_group, *kernel)
     padding = [size - 1 for size in kernel]
-    padded = F.pad(flat, [p for size in reversed(padding) for p in (size, size)])
-    auto = _CONV[dims](padded, flat.reshape(out_channels * per_group, 1, *kernel), groups=out_channels * per_group)
-    return auto.reshape(out_channels, per_group, *auto.shape[2:])
+    padded = F.pad(flat_other, [p for size in reversed(padding) for p in (size, size)])
+    cross = _CONV[dims](padded, weight.reshape(out_channels * per_group, 1, *kernel), groups=out_channels * per_group)
+    return cross.reshape(out_channels, per_group, *cross.shape[2:])
 
 
 def gathered_template(template: torch.Tensor, out_radius: int, stride: tuple[int, ...], dilation: tuple[int, ...],
@@ -108,19 +115,22 @@ def gathered_template(template: torch.Tensor, out_radius: int, stride: tuple[int
 
 
 def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, *, stride=1, dilation=1,
-                        groups: int = 1, out_radius: int = RADIUS, pair_weights: torch.Tensor | None = None
+                        groups: int = 1, out_radius: int = RADIUS, cross_weights: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Variance ``[O]``, the independent (AP2) variance ``[O]`` and the neighbour template ``[O, 2R+1, ...]``
     of a convolution's output per channel, from its input's per-channel variance ``var`` ``[C]`` and template
-    (see the module docstring). ``pair_weights`` ``[O, C]`` (a 1x1 convolution of correlated channels,
-    :mod:`.channel_correlation`) replaces ``W[o,c]^2 v_c`` as the weight of input channel c's template."""
+    (see the module docstring). ``cross_weights`` ``[O, C, 2K-1, ...]`` (a convolution of correlated channels,
+    :func:`.channel_correlation.conv_correlation`) replaces ``v_c A_oc(e)`` as the weight of input channel
+    c's template at tap offset e; the covariance is then symmetrized over ``D`` and ``-D``."""
     dims = weight.dim() - 2
     stride, dilation = (as_tuple(value, dims) for value in (stride, dilation))
     auto = kernel_autocorrelation(weight)  # [O, C/g, 2K-1, ...]
     gathered = gathered_template(template, out_radius, stride, dilation, tuple(weight.shape[2:]))  # [C, D, E]
     out_channels, per_group = weight.shape[:2]
-    if pair_weights is not None:
-        covariance = torch.einsum("oc,cd->od", pair_weights, gathered[:, :, 0])
+    if cross_weights is not None:
+        covariance = torch.einsum("oce,cde->od", cross_weights.reshape(out_channels, per_group, -1).to(gathered),
+                                  gathered)
+        covariance = 0.5 * (covariance + covariance.flip(-1))  # offsets D and -D: the approximation's two halves
     else:
         weighted = gathered * var.reshape(-1, 1, 1)
         covariance = torch.einsum("gjce,gcde->gjd", auto.reshape(groups, out_channels // groups, per_group, -1),
@@ -139,14 +149,14 @@ def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch
 
 
 def correlated_output(x: Moments, out: Moments, weight: torch.Tensor, *, stride=1, dilation=1, groups: int = 1,
-                      variance_known: bool = False, pair_weights: torch.Tensor | None = None) -> Moments:
+                      variance_known: bool = False, cross_weights: torch.Tensor | None = None) -> Moments:
     """``out`` (a linear map's output under AP2, per channel or per unit) with its variance scaled by the
     correlated/independent ratio of its channel and the output template attached. ``variance_known``: the
     variance already accounts for correlation (the model input's full template), only attach the template."""
     correlated, independent, out_template = linear_map_template(template_of(x), x.unit_average_var, weight,
                                                                 stride=stride,
                                                                 dilation=dilation, groups=groups,
-                                                                pair_weights=pair_weights)
+                                                                cross_weights=cross_weights)
     if variance_known:
         return out.with_neighbours(out_template)
     ratio = correlated / torch.where(independent > 0, independent, torch.ones_like(independent))

@@ -18,6 +18,7 @@ Average pooling over k independent values keeps the mean and divides the varianc
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .activations import centered_piecewise
 from .arguments import as_tuple
-from .channel_correlation import pooled_correlation
+from .channel_correlation import depthwise_correlation, pooled_correlation
 from .gaussian import max_interval_moments, max_order_statistics, max_quadrature, max_third_cumulant, safe_std
 from .neighbours import correlated_output, linear_map_template, pooled_variance_ratio
 
@@ -50,7 +51,8 @@ def _window_geometry(dims: int, kernel_size, stride, padding, dilation=1):
 def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
              out_shape: tuple[int, ...], **_) -> Moments:
     """Max over each window; see the module docstring for the math and its assumptions. In accurate mode the
-    output's neighbour template is the average pool's (overlapping windows share values; an approximation)."""
+    output's neighbour template and channel correlation are the average pool's (overlapping windows share
+    values; an approximation)."""
     out = _max_pool(x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
                     out_shape=out_shape)
     if x.neighbours is None:
@@ -58,7 +60,7 @@ def max_pool(x: Moments, *, kernel_size, stride=None, padding=0, dilation=1, cei
     window = _uniform_window(x, kernel_size, len(x.shape) - 1)
     *_, template = linear_map_template(x.neighbours, x.unit_average_var, window, stride=stride or kernel_size,
                                        dilation=dilation, groups=x.channels)
-    return out.with_neighbours(template)
+    return replace(out.with_neighbours(template), channel_correlation=depthwise_correlation(x, window, dilation))
 
 
 def _uniform_window(x: Moments, kernel_size, dims: int) -> torch.Tensor:
@@ -184,8 +186,9 @@ def avg_pool(x: Moments, *, kernel_size, stride=None, padding=0, ceil_mode: bool
                     count_include_pad=count_include_pad, divisor_override=divisor_override, out_shape=out_shape)
     if x.third is None:
         return out
-    return correlated_output(x, out, _uniform_window(x, kernel_size, dims), stride=stride or kernel_size,
-                             groups=x.channels)
+    window = _uniform_window(x, kernel_size, dims)
+    out = correlated_output(x, out, window, stride=stride or kernel_size, groups=x.channels)
+    return replace(out, channel_correlation=depthwise_correlation(x, window, 1))
 
 
 def _avg_pool(x: Moments, *, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
