@@ -1,4 +1,4 @@
-"""Correlation between the channels of one position (``accuracy="accurate"``): what 1x1 convolutions sum.
+"""Correlation between the channels of one position (``accuracy="accurate"``): what convolutions sum.
 
 A 1x1 convolution sums the channels of one position. AP2 takes them as independent, but channels that come from
 one earlier 1x1 expansion (an inverted residual block expands 24 channels to 144: the 144 span a 24-dimensional
@@ -8,12 +8,18 @@ covariance ``S`` of its input, a 1x1 convolution's output covariance is exact: `
 diagonal).
 
 The accurate mode carries the same-position **channel correlation** ``R`` (``[C, C]``, unit diagonal;
-covariance ``S = R * s s^T`` with ``s`` the per-channel std) through the ops of such blocks, and drops it (channels
+covariance ``S = R * s s^T`` with ``s`` the per-channel std) through these ops, and drops it (channels
 independent, AP2) after any other op:
 
 - **1x1 convolution / pointwise linear map**: ``S' = W S W^T`` (exact). Its neighbour template (module
   :mod:`.neighbours`) then weighs each input channel's template by ``W[o,c] (S W^T)[c,o]`` instead of
   ``W[o,c]^2 v_c``.
+- **dense k x k convolution** (``groups=1``): with the cross-position covariance of two channels approximated
+  by ``S_cd (rho_c + rho_d)(delta)/2``, ``S' = (A + A^T)/2``, ``A = sum_l G_l S W_l^T``, ``G`` the kernel
+  correlated with its input channel's template (:func:`conv_correlation`); exact for 1x1. Dropped above
+  :data:`CORRELATION_BUDGET` multiply-adds.
+- **average and max pooling**: the average pool's rule (a depthwise convolution with a uniform kernel; for the
+  max an approximation).
 - **depthwise convolution** ``y_c = sum_k W[c,k] x_c(p + d k)``: ``S'_cd = S_cd sum_e X_cd(e) r_cd(d e)``
   with the cross-kernel correlation ``X_cd(e) = sum_k W[c,k] W[d,k+e]`` and the cross-position
   correlation of two channels approximated by the mean of their neighbour templates,
@@ -27,8 +33,8 @@ independent, AP2) after any other op:
 - **global average pooling**: ``S' = S * (q_c + q_d)/2 / N``, ``q`` the neighbour-template pooling factor
   (:func:`.neighbours.pooled_variance_ratio`).
 
-Cost: ``O(C^2)`` memory per activation and ``O(C_out C_in^2)`` per 1x1 convolution; a depthwise convolution
-``O(C^2 K^2)``. Dense ``k x k`` convolutions drop it (their ``O(K^2 C^3)`` would dominate the pass).
+Cost: ``O(C^2)`` memory per activation, ``O(K C_out C_in (C_in + C_out))`` per convolution, a depthwise
+convolution ``O(C^2 K^2)``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ larger variance than ``v/k``: DenseNet-121's transition pools were 17% low at 64
 The accurate mode carries, per channel, a stationary **neighbour-correlation template**
 ``rho_c(delta) = corr(x_{c,p}, x_{c,p+delta})`` for offsets ``|delta_i| <= RADIUS`` (``[C, 2R+1, ...]``,
 centre 1), and assumes different channels independent (their correlations have random signs at init and
-average out in a sum over channels). Rules:
+average out in a sum over channels) unless their same-position correlation is carried
+(:mod:`.channel_correlation`; a convolution then weighs input templates by its cross weights). Rules:
 
 - **convolution** ``y_o(p) = sum_{c,k} W[o,c,k] x_c(s p + d k)``, with the kernel autocorrelation
   ``A_oc(e) = sum_k W[o,c,k] W[o,c,k+e]``:
