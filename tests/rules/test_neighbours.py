@@ -230,3 +230,37 @@ def test_kernel_cross_correlation_is_the_sum_over_taps() -> None:
         direct = sum(weight[:, :, k0, k1] * other[:, :, k0 + e0, k1 + e1]
                      for k0, k1 in itertools.product(range(3), range(2)) if 0 <= k0 + e0 < 3 and 0 <= k1 + e1 < 2)
         assert torch.allclose(cross[:, :, e0 + 2, e1 + 1], torch.as_tensor(direct, dtype=torch.float64))
+
+
+def test_a_convolution_above_the_budget_drops_the_channel_correlation() -> None:
+    """Above ``CORRELATION_BUDGET`` multiply-adds a dense convolution takes its input channels as independent
+    (the AP2 variance with neighbour templates) instead of forming ``O(K O C^2)`` products; below, it carries
+    them."""
+    from graphnorm.rules.channel_correlation import correlation_affordable
+
+    generator = _generator(35)
+    channels = 96
+    mixing = torch.randn(channels, 4, generator=generator, dtype=torch.float64)
+    covariance = mixing @ mixing.T + torch.eye(channels, dtype=torch.float64)
+    std = covariance.diagonal().sqrt()
+    x = Moments(torch.zeros(channels, dtype=torch.float64), covariance.diagonal(), (channels, 10, 10),
+                third=torch.zeros(channels, dtype=torch.float64),
+                channel_correlation=covariance / torch.outer(std, std))
+    weight = torch.randn(channels, channels, 3, 3, generator=generator, dtype=torch.float64) / 30
+    plain = Moments(x.loc, x.spread, x.shape, third=x.third)
+    independent = RULES["conv"](plain, weight=weight, padding=1, out_shape=(channels, 10, 10))
+    assert correlation_affordable(weight)
+    carried = RULES["conv"](x, weight=weight, padding=1, out_shape=(channels, 10, 10))
+    assert carried.channel_correlation is not None
+    assert (carried.var / independent.var - 1).abs().max() > 0.1  # the correlation matters here
+    import graphnorm.rules.channel_correlation as channel_correlation
+
+    budget = channel_correlation.CORRELATION_BUDGET
+    try:
+        channel_correlation.CORRELATION_BUDGET = 1000
+        assert not correlation_affordable(weight)
+        dropped = RULES["conv"](x, weight=weight, padding=1, out_shape=(channels, 10, 10))
+    finally:
+        channel_correlation.CORRELATION_BUDGET = budget
+    assert dropped.channel_correlation is None
+    assert torch.allclose(dropped.var, independent.var)
