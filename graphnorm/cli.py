@@ -97,13 +97,25 @@ class _Run:
 
 def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float] | None, std: list[float] | None,
                    data: str | None, run: _Run, structure: dict[str, Any]) -> InputStats:
-    if data is None and (structure["per_position"] or structure["patch_covariance"] is not None):
+    auto = structure["auto"]
+    if data is None and not auto and (structure["per_position"] or structure["patch_covariance"] is not None):
         raise InputError("--per-position and --patch-covariance describe --input-data FILE; give it")
     if data is not None:
         if mean is not None or std is not None:
             raise InputError("give either --input-data or --input-mean/--input-std, not both")
         try:
-            stats = InputStats.from_data(load_input_data(data), **structure)
+            samples = load_input_data(data)
+            if auto and (samples.dim() < 3 or tuple(samples.shape[2:]) != tuple(shape[2:])
+                         or min(samples.shape[2:]) < DEFAULT_PATCH_COVARIANCE):
+                run.notes.append(f"input statistics from --input-data per channel: its samples are not maps of the "
+                                 f"input's size {tuple(shape[2:])}")
+                structure = {"per_position": False, "patch_covariance": None}
+            elif auto:
+                run.notes.append(f"input statistics from --input-data per position with the "
+                                 f"{DEFAULT_PATCH_COVARIANCE}x{DEFAULT_PATCH_COVARIANCE} patch correlation "
+                                 "(--per-channel-input for one mean and variance per channel)")
+            options = {key: structure[key] for key in ("per_position", "patch_covariance")}
+            stats = InputStats.from_data(samples, **options)
             stats.validate_for(shape)
         except GraphnormError as err:
             raise _usage(f"--input-data {data}: {first_line(err)}") from err
@@ -225,8 +237,10 @@ def _model_input_options(command: Callable) -> Callable:
         click.option("--spatial/--per-channel", default=None,
                      help="Propagate per unit (exact zero padding) or per channel. Default: per unit for inputs "
                           "whose smallest side is <= 128 or with --per-position (convert: in fixed mode only)."),
-        click.option("--per-position", is_flag=True,
-                     help="With --input-data: input mean and variance per position, not only per channel."),
+        click.option("--per-position/--per-channel-input", default=None,
+                     help="With --input-data: input mean and variance per position, or one per channel. Default: "
+                          "inspect and fixed mode per position with the 3x3 patch correlation (when the data "
+                          "has the input's size), the other convert modes per channel."),
         click.option("--patch-covariance", type=click.IntRange(min=1), metavar="K",
                      help="With --input-data: also the input correlation within K-wide patches, used by the "
                           "layers that read the input."),
@@ -252,9 +266,18 @@ def _consent(trust_pickle: bool, trust_code: bool, allowed_packages: tuple[str, 
     return {"trust_pickle": trust_pickle, "trust_code": trust_code, "trusted_packages": allowed_packages}
 
 
-def _structure(per_position: bool, patch_covariance: int | None) -> dict[str, Any]:
-    """What ``InputStats.from_data`` keeps beyond per-channel moments, from the command line."""
-    return {"per_position": per_position, "patch_covariance": patch_covariance}
+DEFAULT_PATCH_COVARIANCE = 3
+"""Patch width of the input correlation that inspect and fixed mode estimate from --input-data by default."""
+
+
+def _structure(per_position: bool | None, patch_covariance: int | None, describe_positions: bool
+               ) -> dict[str, Any]:
+    """What ``InputStats.from_data`` keeps beyond per-channel moments, from the command line. Neither option
+    given and ``describe_positions`` (inspect, fixed mode): per position with the 3x3 patch correlation, the
+    description under which the analytic statistics of real images hold (docs/math.md 1.1), marked ``auto``."""
+    if per_position is None and patch_covariance is None and describe_positions:
+        return {"per_position": True, "patch_covariance": DEFAULT_PATCH_COVARIANCE, "auto": True}
+    return {"per_position": bool(per_position), "patch_covariance": patch_covariance, "auto": False}
 
 
 def _load_inputs(run: _Run, model_source: str, weights: str | None, trust: dict[str, Any], input_shape: str | None,
@@ -336,8 +359,9 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
                     trust_code: bool, allowed_packages: tuple[str, ...], calibrate: str, min_agreement: float,
                     max_output_error: float, agreement_samples: int,
                     strict: bool, stochastic_batch: int | None, noise: str, normprop_c: float,
-                    spatial: bool | None, per_position: bool, patch_covariance: int | None, accuracy: str | None,
-                    seed: int, fallback: str, fallback_samples: int, leaf_modules: tuple[str, ...], opset: int | None,
+                    spatial: bool | None, per_position: bool | None, patch_covariance: int | None,
+                    accuracy: str | None, seed: int, fallback: str, fallback_samples: int,
+                    leaf_modules: tuple[str, ...], opset: int | None,
                     legacy_exporter: bool, verify: bool, rtol: float,
                     atol: float, force: bool, as_json: bool, quiet: bool, debug: bool) -> None:
     """Rewrite every BatchNorm of MODEL and write OUTPUT (.onnx: exported and verified; .pt: a graphnorm file).
@@ -354,7 +378,7 @@ def convert_command(model_source: str, output: Path, mode: str, input_shape: str
         raise InputError(f"{output} exists; pass --force to overwrite it")
     trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
-                                        input_data, seed, _structure(per_position, patch_covariance))
+                                        input_data, seed, _structure(per_position, patch_covariance, mode == "fixed"))
     if output.suffix == ".pt" and loaded.spec is None:
         raise InputError("a .pt OUTPUT stores the model's import spec; load MODEL from an import spec")
     if calibrate == "data" and input_data is None:
@@ -448,7 +472,7 @@ def _execute(run: _Run, loaded: LoadedModel, output: Path, stats: InputStats, kw
 def inspect_command(model_source: str, input_shape: str | None, input_mean: str | None, input_std: str | None,
                     input_data: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
                     allowed_packages: tuple[str, ...], leaf_modules: tuple[str, ...], spatial: bool | None,
-                    per_position: bool, patch_covariance: int | None, accuracy: str | None, seed: int,
+                    per_position: bool | None, patch_covariance: int | None, accuracy: str | None, seed: int,
                     fallback: str, fallback_samples: int, debug: bool, data: str | None, samples: int,
                     batch_size: int, no_empirical: bool,
                     normalize: str, output_format: str, plot_path: Path | None, only: str | None,
@@ -465,7 +489,7 @@ def inspect_command(model_source: str, input_shape: str | None, input_mean: str 
             raise InputError(f"{plot_path} exists; pass --force to overwrite it")
     trust = _consent(trust_pickle, trust_code, allowed_packages)
     loaded, shape, stats = _load_inputs(run, model_source, weights, trust, input_shape, input_mean, input_std,
-                                        input_data, seed, _structure(per_position, patch_covariance))
+                                        input_data, seed, _structure(per_position, patch_covariance, True))
     samples_data = None
     if data is not None:
         try:

@@ -7,6 +7,7 @@ import json
 import os
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -183,10 +184,30 @@ def test_input_statistics_per_position_with_patch_correlation_from_the_command_l
     report = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data,
                            "--per-position", "--patch-covariance", "3")
     assert report["input_statistics"] == "per position with 5x5 correlation" and report["spatial"] is True
-    plain = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data)
+    plain = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data,
+                          "--per-channel-input")
+    assert plain["input_statistics"] == "per channel"
     first_bn = {r["node"]: r for r in report["rows"]}["features_0"]
     plain_first_bn = {r["node"]: r for r in plain["rows"]}["features_0"]
     assert first_bn["std_error_median"] < 0.02 < plain_first_bn["std_error_median"]
+
+
+def test_input_data_is_described_per_position_with_its_patch_correlation_by_default(tmp_path) -> None:
+    """What describes real images (docs/math.md 1.1) is inspect's default for --input-data: the same report as
+    asking for it; data of another size than the input falls back to per channel, saying so."""
+    data = os.path.join(FIXTURES, "digits_sample.npz")
+    default = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data)
+    asked = _inspect_json(os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data", data, "--data", data,
+                          "--per-position", "--patch-covariance", "3")
+    assert default["input_statistics"] == "per position with 5x5 correlation"
+    assert default["rows"] == asked["rows"]
+    larger = tmp_path / "larger.npz"
+    np.savez(larger, x=np.random.default_rng(0).random((20, 1, 16, 16), dtype=np.float32))
+    result = CliRunner().invoke(main, ["inspect", os.path.join(FIXTURES, "digits_cnn.pt"), "--input-data",
+                                       str(larger), "--no-empirical"])
+    assert result.exit_code == 0, result.output
+    assert "note: input statistics from --input-data per channel: its samples are not maps of the input's size" \
+        in result.output
 
 
 def test_structure_options_need_input_data() -> None:
