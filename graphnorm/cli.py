@@ -105,16 +105,16 @@ def _resolve_stats(loaded: LoadedModel, shape: tuple[int, ...], mean: list[float
             raise InputError("give either --input-data or --input-mean/--input-std, not both")
         try:
             samples = load_input_data(data)
+            options = {"per_position": structure["per_position"], "patch_covariance": structure["patch_covariance"]}
             if auto and (samples.dim() < 3 or tuple(samples.shape[2:]) != tuple(shape[2:])
                          or min(samples.shape[2:]) < DEFAULT_PATCH_COVARIANCE):
                 run.notes.append(f"input statistics from --input-data per channel: its samples are not maps of the "
                                  f"input's size {tuple(shape[2:])}")
-                structure = {"per_position": False, "patch_covariance": None}
+                options = {"per_position": False, "patch_covariance": None}
             elif auto:
                 run.notes.append(f"input statistics from --input-data per position with the "
                                  f"{DEFAULT_PATCH_COVARIANCE}x{DEFAULT_PATCH_COVARIANCE} patch correlation "
                                  "(--per-channel-input for one mean and variance per channel)")
-            options = {key: structure[key] for key in ("per_position", "patch_covariance")}
             stats = InputStats.from_data(samples, **options)
             stats.validate_for(shape)
         except GraphnormError as err:

@@ -26,8 +26,8 @@ stored resolution; linear maps and activations carry it, every other rule leaves
 it (convolution, pooling, activations, adds) carry it, every other rule drops it (independent positions).
 
 ``channel_correlation`` (``accuracy="accurate"``, :mod:`graphnorm.rules.channel_correlation`) is the
-``[C, C]`` correlation between channels at one position, carried through 1x1 and depthwise convolutions and
-what lies between them; every other rule drops it (independent channels).
+``[C, C]`` correlation between channels at one position, carried through convolutions (within a cost
+budget), pooling, activations, adds, gates and concatenation; every other rule drops it (independent channels).
 
 ``monotone_of`` records that this activation is ``f(X)`` for a non-decreasing elementwise ``f`` applied to a
 Gaussian-modelled ``X``. Max-pooling uses it: ``maxpool(f(X)) = f(maxpool(X))`` exactly, so pooling the

@@ -120,8 +120,8 @@ class MomentPropagator:
         accuracy: "fast" (default) assumes every activation's input is Gaussian and all units independent;
             "accurate" also carries the third cumulant (every activation corrected for its input's skewness,
             :mod:`graphnorm.rules.skewness`), the correlation between neighbouring positions of a channel
-            (:mod:`graphnorm.rules.neighbours`) and between the channels of a position through 1x1 and
-            depthwise convolutions (:mod:`graphnorm.rules.channel_correlation`); measured gain and cost in
+            (:mod:`graphnorm.rules.neighbours`) and between the channels of a position through convolutions
+            and pooling (:mod:`graphnorm.rules.channel_correlation`); measured gain and cost in
             docs/math.md section 6.
     """
 

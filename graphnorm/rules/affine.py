@@ -78,7 +78,8 @@ def conv(x: Moments, *, weight: torch.Tensor, bias: torch.Tensor | None = None, 
     exact for zero padding and treats reflected/replicated border copies as independent (an approximation).
     An input with a correlation template (the model input, :mod:`.correlated`) gets the variance of the sum
     of correlated inputs instead. In accurate mode (the input carries a third cumulant) the correlation of
-    neighbouring positions within a channel is carried and summed too (:mod:`.neighbours`).
+    neighbouring positions within a channel (:mod:`.neighbours`) and between channels
+    (:mod:`.channel_correlation`) is carried and summed too.
     """
     out = _conv_of_independent_positions(x, weight=weight, bias=bias, stride=stride, padding=padding,
                                          dilation=dilation, groups=groups, padding_mode=padding_mode,

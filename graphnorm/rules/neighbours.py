@@ -51,7 +51,7 @@ from .skewness import hermite_nodes
 __all__ = ["HERMITE_TERMS", "RADIUS", "activation_template", "add_templates", "correlated_output",
            "gathered_template", "hermite_coefficients", "independent_template", "kernel_autocorrelation",
            "kernel_cross_correlation",
-           "linear_map_template", "pooled_variance_ratio", "product_template", "template_of"]
+           "linear_map_template", "pooled_variance_ratio", "product_template", "template_of", "template_radius"]
 
 RADIUS = 2
 HERMITE_TERMS = 12
@@ -72,7 +72,8 @@ def template_of(x: Moments, radius: int = RADIUS) -> torch.Tensor:
     return independent_template(x.channels, len(x.shape) - 1, x.loc, radius)
 
 
-def _radius(template: torch.Tensor) -> int:
+def template_radius(template: torch.Tensor) -> int:
+    """The radius R of a template ``[C, 2R+1, ...]``."""
     return (template.shape[1] - 1) // 2
 
 
@@ -99,7 +100,7 @@ def gathered_template(template: torch.Tensor, out_radius: int, stride: tuple[int
                        tap_span: tuple[int, ...]) -> torch.Tensor:
     """``G[c, D, e] = rho_c(s D + d e)`` (0 beyond the template's radius) for output offsets ``D`` in
     ``[-out_radius, out_radius]`` and tap offsets ``e`` in ``[-(K-1), K-1]``, flattened to ``[C, D, E]``."""
-    radius = _radius(template)
+    radius = template_radius(template)
     dims = template.dim() - 1
     out_offsets = list(itertools.product(range(-out_radius, out_radius + 1), repeat=dims))
     tap_offsets = list(itertools.product(*(range(-(k - 1), k) for k in tap_span)))
@@ -125,7 +126,6 @@ def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch
     c's template at tap offset e; the covariance is then symmetrized over ``D`` and ``-D``."""
     dims = weight.dim() - 2
     stride, dilation = (as_tuple(value, dims) for value in (stride, dilation))
-    auto = kernel_autocorrelation(weight)  # [O, C/g, 2K-1, ...]
     gathered = gathered_template(template, out_radius, stride, dilation, tuple(weight.shape[2:]))  # [C, D, E]
     out_channels, per_group = weight.shape[:2]
     if cross_weights is not None:
@@ -133,6 +133,7 @@ def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch
                                   gathered)
         covariance = 0.5 * (covariance + covariance.flip(-1))  # offsets D and -D: the approximation's two halves
     else:
+        auto = kernel_autocorrelation(weight)  # [O, C/g, 2K-1, ...]
         weighted = gathered * var.reshape(-1, 1, 1)
         covariance = torch.einsum("gjce,gcde->gjd", auto.reshape(groups, out_channels // groups, per_group, -1),
                                   weighted.reshape(groups, per_group, *weighted.shape[1:]))
@@ -143,8 +144,8 @@ def linear_map_template(template: torch.Tensor, var: torch.Tensor, weight: torch
         -1, *(1,) * dims)
     out_template = out_template.clamp(-1, 1)
     out_template[centre] = 1
-    independent = torch.einsum("gjc,gc->gj", auto[(slice(None), slice(None), *(k - 1 for k in weight.shape[2:]))]
-                               .reshape(groups, out_channels // groups, per_group),
+    energy = weight.square().reshape(out_channels, per_group, -1).sum(-1)  # A_oc(0) = sum_k W[o,c,k]^2
+    independent = torch.einsum("gjc,gc->gj", energy.reshape(groups, out_channels // groups, per_group),
                                var.reshape(groups, per_group)).reshape(-1)
     return out_var, independent, out_template
 
@@ -200,7 +201,7 @@ def activation_template(coefficients: torch.Tensor, template: torch.Tensor) -> t
     covariance = (powers * shaped).sum(-1)
     denominator = torch.where(total > 0, total, torch.ones_like(total)).reshape(-1, *(1,) * (template.dim() - 1))
     out = (covariance / denominator).clamp(-1, 1)
-    radius = _radius(template)
+    radius = template_radius(template)
     out[(slice(None), *(radius,) * (template.dim() - 1))] = 1
     return out.to(dtype)
 
@@ -222,7 +223,7 @@ def add_templates(var_a: torch.Tensor, template_a: torch.Tensor, var_b: torch.Te
 def pooled_variance_ratio(template: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Variance of the mean over an ``spatial`` map relative to independent positions:
     ``sum_delta rho(delta) prod_i (n_i - |delta_i|)/n_i`` (``[C]``, offsets beyond the template uncorrelated)."""
-    radius = _radius(template)
+    radius = template_radius(template)
     dims = template.dim() - 1
     factor = torch.ones((), dtype=template.dtype, device=template.device)
     for size in spatial:
@@ -239,5 +240,5 @@ def product_template(mean: torch.Tensor, var: torch.Tensor, template: torch.Tens
     m, v, gm, gv = (t.reshape(shape) for t in (mean, var, gate_mean, gate_var))
     gate_second = gv + gm.square()
     covariance = (template * v + m.square()) * gate_second - m.square() * gm.square()
-    centre = covariance[(slice(None), *(_radius(template),) * dims)].reshape(shape)
+    centre = covariance[(slice(None), *(template_radius(template),) * dims)].reshape(shape)
     return (covariance / torch.where(centre > 0, centre, torch.ones_like(centre))).clamp(-1, 1)

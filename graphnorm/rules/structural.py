@@ -18,7 +18,7 @@ from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
 from .channel_correlation import affine_correlation, concatenated_correlation, gated_correlation, sum_correlation
-from .neighbours import add_templates, product_template, template_of
+from .neighbours import add_templates, product_template, template_of, template_radius
 from .skewness import third_through_affine
 
 Operand = Moments | torch.Tensor | numbers.Number
@@ -167,8 +167,7 @@ def _sum_template(a: Moments, b: Moments, scale_b: float) -> torch.Tensor | None
     """The neighbour template of ``a + scale_b b`` (independent operands of one shape), or None."""
     if a.neighbours is None and b.neighbours is None:
         return None
-    like = a.neighbours if a.neighbours is not None else b.neighbours
-    radius = (like.shape[1] - 1) // 2
+    radius = template_radius(a.neighbours if a.neighbours is not None else b.neighbours)
     return add_templates(a.unit_average_var, template_of(a, radius), scale_b**2 * b.unit_average_var,
                          template_of(b, radius))
 
@@ -262,5 +261,5 @@ def _concatenated_templates(parts: tuple[Moments, ...]) -> torch.Tensor | None:
         return None
     if any(t.shape[1:] != known[0].shape[1:] for t in known):
         return None
-    radius = (known[0].shape[1] - 1) // 2
+    radius = template_radius(known[0])
     return torch.cat([template_of(part, radius) for part in parts])

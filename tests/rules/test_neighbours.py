@@ -232,7 +232,7 @@ def test_kernel_cross_correlation_is_the_sum_over_taps() -> None:
         assert torch.allclose(cross[:, :, e0 + 2, e1 + 1], torch.as_tensor(direct, dtype=torch.float64))
 
 
-def test_a_convolution_above_the_budget_drops_the_channel_correlation() -> None:
+def test_a_convolution_above_the_budget_drops_the_channel_correlation(monkeypatch) -> None:
     """Above ``CORRELATION_BUDGET`` multiply-adds a dense convolution takes its input channels as independent
     (the AP2 variance with neighbour templates) instead of forming ``O(K O C^2)`` products; below, it carries
     them."""
@@ -253,14 +253,8 @@ def test_a_convolution_above_the_budget_drops_the_channel_correlation() -> None:
     carried = RULES["conv"](x, weight=weight, padding=1, out_shape=(channels, 10, 10))
     assert carried.channel_correlation is not None
     assert (carried.var / independent.var - 1).abs().max() > 0.1  # the correlation matters here
-    import graphnorm.rules.channel_correlation as channel_correlation
-
-    budget = channel_correlation.CORRELATION_BUDGET
-    try:
-        channel_correlation.CORRELATION_BUDGET = 1000
-        assert not correlation_affordable(weight)
-        dropped = RULES["conv"](x, weight=weight, padding=1, out_shape=(channels, 10, 10))
-    finally:
-        channel_correlation.CORRELATION_BUDGET = budget
+    monkeypatch.setattr("graphnorm.rules.channel_correlation.CORRELATION_BUDGET", 1000)
+    assert not correlation_affordable(weight)
+    dropped = RULES["conv"](x, weight=weight, padding=1, out_shape=(channels, 10, 10))
     assert dropped.channel_correlation is None
     assert torch.allclose(dropped.var, independent.var)
