@@ -203,7 +203,7 @@ class ConvertedModule(fx.GraphModule):
     def __reduce__(self) -> tuple:
         """Pickles (``torch.save(model)``, spawned workers) load back as a ConvertedModule."""
         _, (body, import_block) = super().__reduce__()
-        body["_tracer_cls"] = None  # graphnorm's tracer needs arguments; the generated code is plain torch
+        body["_tracer_cls"] = _RestoreTracer  # graphnorm's tracer needs arguments; the generated code is plain torch
         return (_restore_converted, (body, import_block))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ConvertedModule:
@@ -217,6 +217,13 @@ class ConvertedModule(fx.GraphModule):
             result.__dict__["_graphnorm_state"] = state.fresh_copy()
         result.graphnorm_log = copy.deepcopy(getattr(self, "graphnorm_log", None), memo)
         return result
+
+
+class _RestoreTracer(fx.Tracer):
+    """What re-traces a pickled converted model's code: folded layers stay calls (their body reads shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(folded_layer,))
 
 
 def _restore_converted(body: dict[str, Any], import_block: str) -> ConvertedModule:

@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+from .normalizers import scaled_layer
 
 __all__ = ["StatisticsProgram", "folded_layer", "record_statistics"]
 
@@ -65,7 +66,6 @@ def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch
     from torch.fx.experimental.proxy_tensor import make_fx
 
     names = list(tensors)
-    dtype = input_mean.dtype
 
     def program(mean: torch.Tensor, var: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
         return run(mean, var, dict(zip(names, values, strict=True)))
@@ -74,27 +74,22 @@ def record_statistics(run: Callable[[torch.Tensor, torch.Tensor, dict[str, torch
     context = torch._guards.TracingContext(torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True))
     with torch._guards.tracing(context):
         recorded = make_fx(program, tracing_mode="real")(input_mean, input_var, *tensors.values())
-    _make_generic(recorded, dtype)
+    _make_generic(recorded)
     # Common subexpressions: a folded layer's raw moments are computed for its statistics and again by the
     # rule that propagates past it; the recording repeats them, elimination keeps one.
     recorded = CSEPass()(recorded).graph_module
     _constants_as_buffers(recorded)
+    _direct_calls(recorded)
     return recorded
 
 
-def _make_generic(program: fx.GraphModule, dtype: torch.dtype) -> None:
+def _make_generic(program: fx.GraphModule) -> None:
+    """Factory ops take the input statistics' device; the inputs' dtype is made the recording's by
+    :meth:`StatisticsProgram.run` (in Python, so that a program whose inputs have it holds no cast)."""
     graph = program.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         device = graph.call_function(getattr, (placeholders[0], "device"))
-    last = device
-    for placeholder in placeholders:  # cast at entry: parameters of any floating dtype
-        value = placeholder.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dtype in _FLOATING:
-            with graph.inserting_after(last):
-                cast = graph.call_method("to", (placeholder,), {"dtype": dtype})
-            placeholder.replace_all_uses_with(cast, delete_user_cb=lambda user, keep=(cast, device): user not in keep)
-            last = cast
     for node in graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
             raise RuntimeError(f"the recorded statistics pass draws random numbers ({node.target}): a rule must "
@@ -114,6 +109,36 @@ def _constants_as_buffers(program: fx.GraphModule) -> None:
                 program.register_buffer(name, value.detach().clone(), persistent=False)
     # Pickling re-traces the generated code with the recorded tracer class: make_fx's needs its tracing state.
     program.graph._tracer_cls = program._tracer_cls = None
+
+
+def _direct_calls(program: fx.GraphModule) -> None:
+    """The recorded custom ops become calls of submodules that run them directly (no op dispatch in eager mode,
+    the compiler's own forms under torch.compile): every kernel-moments op a
+    :class:`~graphnorm.rules.kernels.KernelMomentsCall` with a workspace of its own, every fused form
+    (:mod:`graphnorm.rules.fusion`) a :class:`~graphnorm.rules.fusion.FusedCall`."""
+    from .rules.fusion import FusedCall, form_of  # the rules package imports this module
+    from .rules.kernels import KernelMomentsCall
+
+    graph = program.graph
+    counts = {"kernel_moments": 0, "fused": 0}
+    for node in list(graph.nodes):
+        if node.target is torch.ops.graphnorm.kernel_moments.default:
+            weight, mean, var, groups = node.args
+            call, args = KernelMomentsCall(groups), (weight, mean, var)
+        elif node.target is torch.ops.graphnorm.fused.default:
+            call, args = FusedCall(form_of(node.args[0])), tuple(node.args[1])
+        else:
+            continue
+        kind = "kernel_moments" if isinstance(call, KernelMomentsCall) else "fused"
+        name = f"{kind}_{counts[kind]}"
+        counts[kind] += 1
+        program.add_submodule(name, call)
+        with graph.inserting_before(node):
+            replacement = graph.call_module(name, args)
+        replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    graph.lint()
 
 
 @contextlib.contextmanager
@@ -180,6 +205,10 @@ class StatisticsProgram(nn.Module):
         self._cache_key, self._cached = None, None
 
     def run(self, program: fx.GraphModule, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``program`` on the input statistics and ``tensors``, floating ones cast to the statistics' dtype
+        (float32 or float64: parameters of any floating dtype), autocast off."""
+        dtype = self.input_mean.dtype
+        tensors = [t.to(dtype) if t.dtype in _FLOATING and t.dtype != dtype else t for t in tensors]
         with _autocast_off(self.input_mean.device):
             return program(self.input_mean, self.input_var, *tensors)
 
@@ -209,8 +238,9 @@ class StatisticsProgram(nn.Module):
 
 
 def op_count(program: fx.GraphModule) -> int:
-    """Number of ops a recorded program runs (each a kernel launch on a GPU)."""
-    return sum(node.op in ("call_function", "call_method") and node.target is not operator.getitem
+    """Number of ops a recorded program calls: ATen ops, kernel moments and fused forms, one each (a fused form
+    runs a few ATen ops inside; :func:`dispatched_ops` counts those)."""
+    return sum(node.op in ("call_function", "call_method", "call_module") and node.target is not operator.getitem
                and node.target is not getattr for node in program.graph.nodes)
 
 
@@ -219,15 +249,13 @@ def folded_layer(layer: nn.Module, x: torch.Tensor, raw_mean: torch.Tensor, raw_
     """A Linear/Conv with a BatchNorm folded into its weight (reparam mode), given the channel moments
     ``(raw_mean, raw_var)`` of its output without bias: ``W_eff = gamma W/sigma``, ``b_eff = beta -
     gamma mu/sigma`` with ``(mu, sigma) = calibration(raw_mean, sqrt(raw_var + eps))``
-    (:class:`~graphnorm.normalizers.NormalizedWeight`). The layer's parametrizations compute the same from
-    the statistics of the last refresh; this is the form the converted graph calls."""
+    (:class:`~graphnorm.normalizers.NormalizedWeight`), computed by
+    :func:`~graphnorm.normalizers.scaled_layer` (the scale on the weight or on the output, whichever is
+    smaller). The layer's parametrizations compute the same from the statistics of the last refresh; this is
+    the form the converted graph calls."""
     weight_parametrization = layer.parametrizations.weight[0]
     bias_parametrization = layer.parametrizations.bias[0]
     weight = layer.parametrizations.weight.original
     mu, sigma = weight_parametrization.state.normalizing(raw_mean, raw_var)
-    mu, sigma = mu.to(weight.dtype), sigma.to(weight.dtype)
-    effective_weight = weight_parametrization.normalize(weight, sigma)
-    effective_bias = bias_parametrization.normalize(mu, sigma)
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, effective_weight, effective_bias)
-    return layer._conv_forward(x, effective_weight, effective_bias)
+    scale, shift = weight_parametrization.scale(sigma), bias_parametrization.normalize(mu, sigma)
+    return scaled_layer(layer, x, weight, scale, shift)

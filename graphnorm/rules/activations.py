@@ -21,10 +21,12 @@ so max-pooling can commute with them (see :mod:`graphnorm.rules.pooling`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cache, partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,108 +34,30 @@ import torch.nn.functional as F
 from ..moments import Moments, MonotoneSource
 from . import moment_rule
 from .channel_correlation import activation_correlation
-from .gaussian import Z_LIMIT, interval_moments, legendre_nodes, safe_std
+from .fusion import FusedForm, fused, plain
+from .gaussian import Z_LIMIT, legendre_nodes, safe_std
 from .neighbours import activation_template, hermite_coefficients
+from .piecewise import (
+    Polynomial,
+    centered_gradients,
+    centered_piecewise,
+    centered_piecewise_derivatives,
+    evaluate_piecewise,
+)
 from .skewness import activation_with_skew
 
 # Gauss-Legendre nodes per panel for the remainder of smooth activations (two panels, split at 0).
 # tests/rules/test_quadrature.py measures the error against a dense reference integration.
 NODES = 48
 
-Polynomial = Sequence[float]  # coefficients c_0, c_1, ... of sum_k c_k x^k
 MomentsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-PartialMoments = Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]]
-
-
-# Polynomials in z with tensor coefficients keep a zero coefficient as None and skip powers 0 and 1, so that the
-# recorded statistics program (graphnorm.program) holds no op that adds a zero or multiplies by one.
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return b if a is None else a if b is None else a + b
-
-
-def _power(x: torch.Tensor, exponent: int) -> torch.Tensor | None:
-    """``x ** exponent``; None for exponent 0 (the constant 1)."""
-    return None if exponent == 0 else x if exponent == 1 else x**exponent
-
-
-def _scaled(constant: float, *factors: torch.Tensor | None) -> torch.Tensor | float:
-    """``constant * prod(factors)`` (None factors are 1); a float when every factor is None."""
-    product: torch.Tensor | None = None
-    for factor in factors:
-        if factor is not None:
-            product = factor if product is None else product * factor
-    if product is None:
-        return constant
-    return product if constant == 1 else constant * product
-
-
-def _compose_affine(coefficients: Polynomial, shift: torch.Tensor, scale: torch.Tensor
-                    ) -> list[torch.Tensor | None]:
-    """Coefficients in z of ``p(shift + scale z)`` (binomial expansion): tensors, floats for constants, None
-    for zero."""
-    result: list[torch.Tensor | None] = [None for _ in coefficients]
-    for i, c in enumerate(coefficients):
-        if c == 0:
-            continue
-        for k in range(i + 1):
-            term = _scaled(c * math.comb(i, k), _power(shift, i - k), _power(scale, k))
-            result[k] = _add(result[k], term)  # a float for a constant term
-    return result
-
-
-def _multiply(p: list[torch.Tensor | None], q: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    out: list[torch.Tensor | None] = [None for _ in range(len(p) + len(q) - 1)]
-    for i, a in enumerate(p):
-        for j, b in enumerate(q):
-            if a is not None and b is not None:
-                out[i + j] = _add(out[i + j], a * b)
-    return out
-
-
-def _dot(coefficients: list[torch.Tensor | None], moments: list[torch.Tensor]) -> torch.Tensor | None:
-    total = None
-    for c, moment in zip(coefficients, moments, strict=False):
-        if c is not None:
-            total = _add(total, c * moment)
-    return total
-
-
-def centered_piecewise(mean: torch.Tensor, std: torch.Tensor, breakpoints: Sequence[float],
-                       pieces: Sequence[Polynomial], reference: torch.Tensor,
-                       partial_moments: PartialMoments = interval_moments, orders: int = 2
-                       ) -> tuple[torch.Tensor, ...]:
-    """``E[(g(X) - c)^k]`` for k = 1..orders (2 or 3), piecewise-polynomial g and ``X = mean + std B``,
-    c = reference.
-
-    B is standard normal by default; ``partial_moments(alpha, beta, k)`` gives ``E[B^j 1{alpha < B < beta}]``,
-    j = 0..k, for another standardized base (e.g. the max of n normals).
-    ``pieces[j]`` holds on ``(breakpoints[j-1], breakpoints[j])``, the outer pieces unbounded."""
-    assert len(pieces) == len(breakpoints) + 1
-    edges = [None, *breakpoints, None]
-    sums: list[torch.Tensor | None] = [None] * orders
-    for j, coefficients in enumerate(pieces):
-        lower, upper = edges[j], edges[j + 1]
-        alpha = torch.full_like(mean, -Z_LIMIT) if lower is None else (lower - mean) / std
-        beta = torch.full_like(mean, Z_LIMIT) if upper is None else (upper - mean) / std
-        poly = _compose_affine(coefficients, mean, std)
-        poly[0] = -reference if poly[0] is None else poly[0] - reference
-        powers = [poly]
-        for _ in range(orders - 1):
-            powers.append(_multiply(powers[-1], poly))
-        order = max(k for k, c in enumerate(powers[-1]) if c is not None)
-        moments = partial_moments(alpha, beta, order)
-        sums = [_add(total, _dot(power, moments)) for total, power in zip(sums, powers, strict=True)]
-    return tuple(sums)
 
 
 def piecewise_polynomial_moments(mean: torch.Tensor, var: torch.Tensor, breakpoints: Sequence[float],
-                                 pieces: Sequence[Polynomial], function: Callable[[torch.Tensor], torch.Tensor]
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mean and variance of ``f(X)``, X ~ N(mean, var), f piecewise polynomial (``function`` evaluates
-    f itself, for the stabilizing shift ``f(mean)``)."""
-    reference = function(mean)
+                                 pieces: Sequence[Polynomial]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean and variance of ``f(X)``, X ~ N(mean, var), f piecewise polynomial, computed about the
+    stabilizing shift ``f(mean)``."""
+    reference = evaluate_piecewise(mean, breakpoints, pieces)
     first, second = centered_piecewise(mean, safe_std(var), breakpoints, pieces, reference)
     return reference + first, (second - first * first).clamp_min(0)
 
@@ -147,6 +71,53 @@ class SmoothActivation:
     function: Callable[[torch.Tensor], torch.Tensor]
     asymptote: tuple[Polynomial, Polynomial]  # g below 0, g above 0
     reach: float
+
+
+_RELU_ASYMPTOTE = ([0.0], [0.0, 1.0])
+
+
+@cache
+def smooth_activation(name: str, params: tuple[tuple[str, Any], ...] = ()) -> SmoothActivation:
+    """The smooth activation ``name`` with keyword parameters ``params`` (e.g. ``(("approximate", "tanh"),)``)."""
+    kwargs = dict(params)
+    if name == "sigmoid":
+        return SmoothActivation(torch.sigmoid, ([0.0], [1.0]), 40.0)
+    if name == "tanh":
+        return SmoothActivation(torch.tanh, ([-1.0], [1.0]), 20.0)
+    if name == "gelu":
+        return SmoothActivation(partial(F.gelu, **kwargs), _RELU_ASYMPTOTE, 40.0)
+    if name == "silu":
+        return SmoothActivation(F.silu, _RELU_ASYMPTOTE, 45.0)
+    if name == "elu":
+        alpha = kwargs.get("alpha", 1.0)
+        return SmoothActivation(partial(F.elu, alpha=alpha), ([-alpha], [0.0, 1.0]), 40.0)
+    if name == "softplus":
+        return SmoothActivation(partial(F.softplus, **kwargs), _RELU_ASYMPTOTE, 40.0 / kwargs.get("beta", 1.0))
+    if name == "mish":
+        return SmoothActivation(F.mish, _RELU_ASYMPTOTE, 45.0)
+    raise ValueError(f"no smooth activation named {name!r}")
+
+
+def _smooth_parts(mean: torch.Tensor, std: torch.Tensor, activation: SmoothActivation, nodes: int
+                  ) -> tuple[torch.Tensor, ...]:
+    """The quadrature of :func:`smooth_moments`, both panels at once: the reference ``c = f(mean)``, and per
+    node ``[..., 2, nodes]`` the standardized position ``u = (x - mean)/std``, the weight (Gauss-Legendre
+    weight times half the panel times the density), the remainder ``r(x)`` and the asymptote ``g(x)``."""
+    reference = activation.function(mean)
+    below, above = activation.asymptote
+    lower = torch.clamp(mean - 10 * std, min=-activation.reach)
+    upper = torch.maximum(torch.clamp(mean + 10 * std, max=activation.reach), lower)
+    middle = torch.clamp(torch.zeros_like(mean), min=lower, max=upper)
+    points, weights = legendre_nodes(nodes, mean)
+    start, end = torch.stack((lower, middle), -1).unsqueeze(-1), torch.stack((middle, upper), -1).unsqueeze(-1)
+    half = 0.5 * (end - start)
+    x = 0.5 * (start + end) + half * points
+    s = std[..., None, None]
+    u = (x - mean[..., None, None]) / s
+    density = torch.exp(-0.5 * u * u) / (s * math.sqrt(2 * math.pi))
+    asymptote = torch.where(x < 0, _evaluate(below, x), _evaluate(above, x))
+    remainder = activation.function(x) - asymptote
+    return reference, u, weights * half * density, remainder, asymptote
 
 
 def _evaluate(coefficients: Polynomial, x: torch.Tensor) -> torch.Tensor:
@@ -163,30 +134,22 @@ def smooth_moments(mean: torch.Tensor, var: torch.Tensor, activation: SmoothActi
     so the quadrature only meets smooth integrands on intervals where they are resolved.
     """
     std = safe_std(var)
-    reference = activation.function(mean)
-    below, above = activation.asymptote
-    first, second = centered_piecewise(mean, std, [0.0], [below, above], reference)
-    lower = torch.clamp(mean - 10 * std, min=-activation.reach)
-    upper = torch.maximum(torch.clamp(mean + 10 * std, max=activation.reach), lower)
-    middle = torch.clamp(torch.zeros_like(mean), min=lower, max=upper)
-    points, weights = legendre_nodes(nodes, mean)
-    m, s, c = mean.unsqueeze(-1), std.unsqueeze(-1), reference.unsqueeze(-1)
-    for a, b in ((lower, middle), (middle, upper)):
-        half = (0.5 * (b - a)).unsqueeze(-1)
-        x = (0.5 * (a + b)).unsqueeze(-1) + half * points
-        density = torch.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-        asymptote = torch.where(x < 0, _evaluate(below, x), _evaluate(above, x))
-        remainder = activation.function(x) - asymptote
-        weight = weights * half * density
-        first = first + (weight * remainder).sum(-1)
-        second = second + (weight * remainder * (2 * (asymptote - c) + remainder)).sum(-1)
+    reference, _, weight, remainder, asymptote = _smooth_parts(mean, std, activation, nodes)
+    first, second = centered_piecewise(mean, std, [0.0], list(activation.asymptote), reference)
+    first = first + (weight * remainder).sum((-2, -1))
+    second = second + (weight * remainder * (2 * (asymptote - reference[..., None, None]) + remainder)).sum((-2, -1))
     return reference + first, (second - first * first).clamp_min(0)
 
 
 def _elementwise(x: Moments, moments_fn: MomentsFn, function: Callable[[torch.Tensor], torch.Tensor],
-                 again: Callable[[Moments], Moments] | None, piecewise: tuple | None = None) -> Moments:
-    """Apply a per-unit moment function; ``again`` (the rule itself) marks a monotone activation."""
-    mean, var = moments_fn(x.loc, x.spread)
+                 again: Callable[[Moments], Moments] | None, piecewise: tuple | None = None,
+                 form: FusedForm | None = None) -> Moments:
+    """Apply a per-unit moment function (its fused ``form`` where one applies, :mod:`.fusion`); ``again`` (the
+    rule itself) marks a monotone activation."""
+    if form is not None and plain(x):
+        mean, var = fused(form, x.loc, x.spread)
+    else:
+        mean, var = moments_fn(x.loc, x.spread)
     third = None
     if x.third is not None:  # accurate mode: correct for the input's skewness, pass the output's on
         mean, var, third = activation_with_skew(function, x.loc, x.spread, x.third, mean, var)
@@ -203,15 +166,14 @@ def _elementwise(x: Moments, moments_fn: MomentsFn, function: Callable[[torch.Te
 def _piecewise_rule(x: Moments, breakpoints: Sequence[float], pieces: Sequence[Polynomial],
                     function: Callable[[torch.Tensor], torch.Tensor], monotone: bool) -> Moments:
     again = partial(_piecewise_rule, breakpoints=breakpoints, pieces=pieces, function=function, monotone=monotone)
-    return _elementwise(x, partial(piecewise_polynomial_moments, breakpoints=breakpoints, pieces=pieces,
-                                   function=function), function, again if monotone else None,
-                        (breakpoints, pieces))
+    form = PiecewiseMoments(tuple(breakpoints), tuple(tuple(p) for p in pieces))
+    return _elementwise(x, form.reference, function, again if monotone else None, (breakpoints, pieces), form)
 
 
-def _smooth_rule(x: Moments, activation: SmoothActivation, monotone: bool) -> Moments:
-    again = partial(_smooth_rule, activation=activation, monotone=monotone)
-    return _elementwise(x, partial(smooth_moments, activation=activation), activation.function,
-                        again if monotone else None)
+def _smooth_rule(x: Moments, name: str, monotone: bool, **params: Any) -> Moments:
+    again = partial(_smooth_rule, name=name, monotone=monotone, **params)
+    form = SmoothMoments(name, tuple(sorted(params.items())))
+    return _elementwise(x, form.reference, form.activation.function, again if monotone else None, form=form)
 
 
 def _clamp_rule(x: Moments, low: float | None, high: float | None) -> Moments:
@@ -227,15 +189,107 @@ def _clamp_rule(x: Moments, low: float | None, high: float | None) -> Moments:
     return _piecewise_rule(x, breakpoints, pieces, partial(torch.clamp, min=low, max=high), monotone=True)
 
 
+# -- fused forms (graphnorm.rules.fusion): the moment functions above as single ops with closed-form backward --
+@dataclass(frozen=True)
+class Rectified(FusedForm):
+    """ReLU's moments (:func:`rectified_gaussian_moments`). Backward, with ``a = m/s``:
+    ``d mean/dm = Phi(a)``, ``d mean/dv = phi(a)/(2 s)``, ``d var/dm = 2 mean Phi(-a)``,
+    ``d var/dv = Phi(a) - mean phi(a)/s`` (Stein's lemma: ``d/dm E[f] = E[f']``, ``d/dv E[f] = E[f'']/2``)."""
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rectified_gaussian_moments(mean, var)
+
+    def forward(self, mean: torch.Tensor, var: torch.Tensor):
+        parts = _rectified_parts(mean, var)
+        return _rectified_moments(mean, var, *parts), (parts[0], *parts[2:])
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        mean, var = inputs
+        out_mean = outputs[0]
+        if residuals:
+            std, cdf, tail, density = residuals
+        else:
+            std, _, cdf, tail, density = _rectified_parts(mean, var)
+        zero = torch.zeros_like(mean)
+        grad_mean = zero if grads[0] is None else grads[0]
+        grad_var = zero if grads[1] is None else grads[1]
+        grad_m = grad_mean * cdf + grad_var * (2 * out_mean * tail)
+        grad_v = grad_mean * density / (2 * std) + grad_var * (cdf - out_mean * density / std)
+        return grad_m, grad_v
+
+
+@dataclass(frozen=True)
+class PiecewiseMoments(FusedForm):
+    """A piecewise-polynomial activation's moments (:func:`piecewise_polynomial_moments`); backward by the
+    derivatives of :mod:`.piecewise` (Leibniz's rule)."""
+
+    breakpoints: tuple[float, ...]
+    pieces: tuple[tuple[float, ...], ...]
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return piecewise_polynomial_moments(mean, var, self.breakpoints, self.pieces)
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        mean, var = inputs
+        std = safe_std(var)
+        reference = evaluate_piecewise(mean, self.breakpoints, self.pieces)
+        first, second, *derivatives = centered_piecewise_derivatives(mean, std, self.breakpoints, self.pieces,
+                                                                     reference)
+        return centered_gradients(first, derivatives, second - first * first, var, std, grads)
+
+
+@dataclass(frozen=True)
+class SmoothMoments(FusedForm):
+    """A smooth activation's moments (:func:`smooth_moments`). Backward: the asymptote's part by the
+    derivatives of :mod:`.piecewise`; the remainder's by the same quadrature of the density's derivatives,
+    ``d/dm p = p u/s`` and ``d/ds p = p (u^2 - 1)/s`` (the nodes' own movement with m and s only reaches the
+    integrand where it has vanished, ``mean +- 10 std`` or the activation's reach)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    activation: SmoothActivation = field(init=False, compare=False, repr=False)  # (a constant when compiled)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", smooth_activation(self.name, self.params))
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return smooth_moments(mean, var, self.activation)
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        mean, var = inputs
+        activation = self.activation
+        std = safe_std(var)
+        reference, u, weight, remainder, asymptote = _smooth_parts(mean, std, activation, NODES)
+        first, second, *derivatives = centered_piecewise_derivatives(mean, std, [0.0], list(activation.asymptote),
+                                                                     reference)
+        terms = (weight * remainder, weight * remainder * (2 * (asymptote - reference[..., None, None]) + remainder))
+        s = std[..., None, None]
+        rates = (u / s, (u * u - 1) / s)
+        first, second = first + terms[0].sum((-2, -1)), second + terms[1].sum((-2, -1))
+        derivatives = [d + (term * rate).sum((-2, -1))
+                       for d, (term, rate) in zip(derivatives, itertools.product(terms, rates), strict=True)]
+        return centered_gradients(first, derivatives, second - first * first, var, std, grads)
+
+
 # -- piecewise polynomial activations ----------------------------------------------------------------------------
 def rectified_gaussian_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU of N(m, v) in closed form (the piecewise-polynomial result, written out because ReLU is the most
     frequent op of a moment pass): with ``a = m/s``, mean ``s (a Phi(a) + phi(a))`` and variance
     ``v (Phi(a) + a^2 Phi(a) Phi(-a) + a phi(a) (1 - 2 Phi(a)) - phi(a)^2)``, an arrangement of
     ``(m^2 + v) Phi(a) + m s phi(a) - mean^2`` without the cancellation of ``a^2`` terms at large ``a``."""
+    return _rectified_moments(mean, var, *_rectified_parts(mean, var))
+
+
+def _rectified_parts(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(s, a, Phi(a), Phi(-a), phi(a))`` of :func:`rectified_gaussian_moments`."""
     std = safe_std(var)
     a = mean / std
-    cdf, tail, density = torch.special.ndtr(a), torch.special.ndtr(-a), torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    return std, a, torch.special.ndtr(a), torch.special.ndtr(-a), torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+
+
+def _rectified_moments(mean: torch.Tensor, var: torch.Tensor, std: torch.Tensor, a: torch.Tensor,
+                       cdf: torch.Tensor, tail: torch.Tensor, density: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     out_mean = torch.where(tail > 0, std * (a * cdf + density), mean)  # far above 0 the ReLU is the identity
     bounded = a.clamp(-Z_LIMIT, Z_LIMIT)  # beyond it phi and one of the tails vanish: no inf * 0
     ratio = cdf + bounded * bounded * cdf * tail + bounded * density * (tail - cdf) - density * density
@@ -243,13 +297,14 @@ def rectified_gaussian_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[t
 
 
 _RELU_PIECES = ([0.0], [[0.0], [0.0, 1.0]])
+RECTIFIED = Rectified()
 
 
 @moment_rule("relu")
 def relu(x: Moments, **_) -> Moments:
     """ReLU of a Gaussian (rectified Gaussian; Frey & Hinton 1999): mean ``m Phi(a) + s phi(a)``,
     ``E[y^2] = (m^2 + v) Phi(a) + m s phi(a)``, ``a = m/s``. N(0, 1) gives (0.398942, 0.340845)."""
-    return _elementwise(x, rectified_gaussian_moments, torch.relu, relu, _RELU_PIECES)
+    return _elementwise(x, rectified_gaussian_moments, torch.relu, relu, _RELU_PIECES, RECTIFIED)
 
 
 @moment_rule("leaky_relu")
@@ -293,49 +348,43 @@ def hardswish(x: Moments, **_) -> Moments:
 
 
 # -- smooth activations ------------------------------------------------------------------------------------------
-_RELU_ASYMPTOTE = ([0.0], [0.0, 1.0])
-
-
 @moment_rule("sigmoid")
 def sigmoid(x: Moments, **_) -> Moments:
     """Logistic sigmoid of a Gaussian: step asymptote plus quadrature of the remainder (no closed form)."""
-    return _smooth_rule(x, SmoothActivation(torch.sigmoid, ([0.0], [1.0]), 40.0), monotone=True)
+    return _smooth_rule(x, "sigmoid", monotone=True)
 
 
 @moment_rule("tanh")
 def tanh(x: Moments, **_) -> Moments:
     """tanh of a Gaussian: sign asymptote plus quadrature of the remainder."""
-    return _smooth_rule(x, SmoothActivation(torch.tanh, ([-1.0], [1.0]), 20.0), monotone=True)
+    return _smooth_rule(x, "tanh", monotone=True)
 
 
 @moment_rule("gelu")
 def gelu(x: Moments, *, approximate: str = "none", **_) -> Moments:
     """GELU (exact or tanh-approximated) of a Gaussian: ReLU asymptote plus quadrature of the remainder."""
-    return _smooth_rule(x, SmoothActivation(partial(F.gelu, approximate=approximate), _RELU_ASYMPTOTE, 40.0),
-                        monotone=False)
+    return _smooth_rule(x, "gelu", monotone=False, approximate=approximate)
 
 
 @moment_rule("silu")
 def silu(x: Moments, **_) -> Moments:
     """SiLU ``x S(x)`` of a Gaussian: ReLU asymptote plus quadrature of the remainder."""
-    return _smooth_rule(x, SmoothActivation(F.silu, _RELU_ASYMPTOTE, 45.0), monotone=False)
+    return _smooth_rule(x, "silu", monotone=False)
 
 
 @moment_rule("elu")
 def elu(x: Moments, *, alpha: float = 1.0, **_) -> Moments:
     """ELU(alpha) of a Gaussian: asymptotes ``-alpha`` below 0 and ``x`` above, quadrature of the remainder."""
-    activation = SmoothActivation(partial(F.elu, alpha=alpha), ([-alpha], [0.0, 1.0]), 40.0)
-    return _smooth_rule(x, activation, monotone=alpha >= 0)
+    return _smooth_rule(x, "elu", monotone=alpha >= 0, alpha=float(alpha))
 
 
 @moment_rule("softplus")
 def softplus(x: Moments, *, beta: float = 1.0, threshold: float = 20.0, **_) -> Moments:
     """Softplus ``log(1 + exp(beta x))/beta`` of a Gaussian: ReLU asymptote plus quadrature of the remainder."""
-    activation = SmoothActivation(partial(F.softplus, beta=beta, threshold=threshold), _RELU_ASYMPTOTE, 40.0 / beta)
-    return _smooth_rule(x, activation, monotone=True)
+    return _smooth_rule(x, "softplus", monotone=True, beta=float(beta), threshold=float(threshold))
 
 
 @moment_rule("mish")
 def mish(x: Moments, **_) -> Moments:
     """Mish ``x tanh(softplus(x))`` of a Gaussian: ReLU asymptote plus quadrature of the remainder."""
-    return _smooth_rule(x, SmoothActivation(F.mish, _RELU_ASYMPTOTE, 45.0), monotone=False)
+    return _smooth_rule(x, "mish", monotone=False)

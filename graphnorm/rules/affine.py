@@ -13,7 +13,7 @@ Per-unit mode (maps ``[C, *S]``): the real convolution of the mean map with ``W`
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from .channel_correlation import (
     depthwise_correlation,
 )
 from .correlated import correlated_conv_variance, correlated_linear_variance
+from .fusion import FusedForm, fused, plain
 from .kernels import kernel_moments
 from .neighbours import correlated_output
 from .skewness import third_through_affine
@@ -198,18 +199,99 @@ def batch_norm_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, weight:
     return scale, shift
 
 
+@dataclass(frozen=True)
+class Normalized(FusedForm):
+    """The moments after normalizing by the input's own per-channel moments (BatchNorm's batch form, the
+    analytic normalizer, a folded layer): mean ``beta`` (0 without it) and variance
+    ``gamma^2 (a v/(v + eps) + b)``, with ``(a, b) = (E[s^2], E[t^2])`` of BatchNorm-like noise ``(s, t)`` in
+    training and ``(1, 0)`` without. Inputs ``(mean, var[, gamma][, beta])``. Backward:
+    ``d var/dv = gamma^2 a eps/(v + eps)^2``, ``d var/dgamma = 2 gamma (a v/(v + eps) + b)``, ``d mean/dbeta = 1``;
+    the output does not depend on the input mean."""
+
+    eps: float
+    weight: bool
+    bias: bool
+    noise_second: float | None = None  # E[s^2]; None: no noise
+    noise_shift_second: float = 0.0  # E[t^2]
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor, *affine: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = self._affine(affine)
+        if self.noise_second is None:
+            out = batch_norm(Moments.per_channel(mean, var, (mean.shape[0],)), running_mean=None, running_var=None,
+                             weight=weight, bias=bias, training=True, eps=self.eps, fuse=False)
+            return out.loc, out.spread
+        return noisy_normalized_moments(var, weight, bias, self.eps, self.noise_second, self.noise_shift_second)
+
+    def _affine(self, affine: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        values = iter(affine)
+        return next(values) if self.weight else None, next(values) if self.bias else None
+
+    def forward(self, mean: torch.Tensor, var: torch.Tensor, *affine: torch.Tensor):
+        weight, bias = self._affine(affine)
+        ratio = var / (var + self.eps)
+        if self.noise_second is not None:
+            ratio = self.noise_second * ratio + self.noise_shift_second
+        out_var = ratio if weight is None else ratio * weight.square()
+        out_mean = torch.zeros_like(var) if bias is None else bias.clone()
+        return (out_mean, out_var), ()
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        _, var, *affine = inputs
+        weight, bias = self._affine(tuple(affine))
+        grad_mean, grad_var = grads
+        grad_v = grad_weight = grad_bias = None
+        if grad_var is not None:
+            second = 1.0 if self.noise_second is None else self.noise_second
+            shift = self.eps + var
+            grad_v = grad_var * (second * self.eps / (shift * shift))
+            if weight is not None:
+                grad_v = grad_v * weight.square()
+                grad_weight = grad_var * 2 * weight * (second * var / shift + self.noise_shift_second)
+        if bias is not None and grad_mean is not None:
+            grad_bias = grad_mean
+        return (None, grad_v, *((grad_weight,) if self.weight else ()), *((grad_bias,) if self.bias else ()))
+
+
+def noisy_normalized_moments(var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                             second: torch.Tensor | float, shift_second: torch.Tensor | float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel moments of ``gamma (s x_hat + t) + beta`` for ``x_hat`` normalized by its own moments and
+    noise ``(s, t)`` independent of it with ``E[s^2] = second``, ``E[t^2] = shift_second``, ``E[t] = 0``:
+    mean ``beta``, var ``gamma^2 (second v/(v + eps) + shift_second)`` (exact)."""
+    out_var = second * (var / (var + eps)) + shift_second
+    mean = torch.zeros_like(out_var)
+    if weight is not None:
+        out_var = out_var * weight.square()
+    if bias is not None:
+        mean = mean + bias
+    return mean, out_var
+
+
+def normalized(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float, noise_second: float | None = None, noise_shift_second: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`Normalized` as one fused op (per-channel moments)."""
+    form = Normalized(float(eps), weight is not None, bias is not None, noise_second, noise_shift_second)
+    affine = [t.to(var) for t in (weight, bias) if t is not None]
+    return fused(form, mean, var, *affine)
+
+
 @moment_rule("batch_norm")
 def batch_norm(x: Moments, *, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
-               eps: float = 1e-5, **_) -> Moments:
+               eps: float = 1e-5, fuse: bool = True, **_) -> Moments:
     """BatchNorm ``y = g (x - mu)/sqrt(s2 + eps) + b``, channel dim 1, exact for both forms.
 
     Eval form: ``(mu, s2)`` are the running statistics, so mean ``g (m - mu)/sqrt(s2 + eps) + b`` and
     var ``g^2 v/(s2 + eps)``. Batch form (``training=True``, or no running statistics): the population limit
     of batch statistics, ``(mu, s2) = (m_c, v_c)`` the input's own channel moments, so mean ``b`` and var
-    ``g^2 v/(v + eps)`` per channel.
+    ``g^2 v/(v + eps)`` per channel (one fused op, :class:`Normalized`, for plain per-channel moments).
     """
-    if training or running_mean is None or running_var is None:
+    batch_form = training or running_mean is None or running_var is None
+    if batch_form and fuse and not x.is_per_unit and plain(x):
+        return Moments(*normalized(x.loc, x.spread, weight, bias, eps), x.shape)
+    if batch_form:
         center, spread = x.mean, x.var
     else:
         center, spread = running_mean, running_var

@@ -13,6 +13,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from ..workspace import plain_tensors
+
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 # Standardized breakpoints are clamped here: beyond it the normal pdf underflows in float64 and the cdf is
 # exactly 0 or 1, so nothing is lost, and polynomials times pdf stay finite (no inf * 0).
@@ -63,11 +65,26 @@ def _leggauss(nodes: int) -> tuple[np.ndarray, np.ndarray]:
     return np.polynomial.legendre.leggauss(nodes)
 
 
+def constant_like(key: tuple, like: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The constant ``make()`` in the dtype and device of ``like``, converted once per (key, dtype, device)
+    (a statistics program evaluates these at every step). Not kept for fake or traced tensors."""
+    full_key = (*key, like.dtype, like.device)
+    value = _CONSTANTS.get(full_key)  # (under torch.compile: a constant of the graph)
+    if value is None:
+        value = make().to(dtype=like.dtype, device=like.device)
+        if plain_tensors(like):
+            _CONSTANTS[full_key] = value
+    return value
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
 def legendre_nodes(nodes: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Legendre nodes and weights on [-1, 1], in the dtype and device of ``like``."""
-    points, weights = _leggauss(nodes)
-    return (torch.as_tensor(points, dtype=like.dtype, device=like.device),
-            torch.as_tensor(weights, dtype=like.dtype, device=like.device))
+    table = constant_like(("legendre", nodes), like,
+                          lambda: torch.stack([torch.as_tensor(t) for t in _leggauss(nodes)]))
+    return table[0], table[1]
 
 
 @cache
@@ -107,26 +124,48 @@ def _max_cumulative_moments(n: int, max_order: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _max_table_position(z: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where z falls in the cumulative tables of :func:`_max_cumulative_moments`: the segment index, the
+    fraction into it, and where the clamps to the tables' range leave z free (the interpolant's slope there)."""
+    step = 24.0 / last
+    raw = (z.clamp(-12.0, 12.0) + 12.0) / step
+    position = raw.clamp(0, last - 1e-6)
+    index = position.floor().long()
+    free = (z >= -12.0) & (z <= 12.0) & (raw <= last - 1e-6)  # where torch.clamp passes a gradient
+    return index, position - index, free
+
+
 def max_interval_moments(n: int) -> Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]]:
     """Like :func:`interval_moments`, for M the max of n iid standard normals instead of Z:
     ``int_alpha^beta x^k q_n(x) dx`` by linear interpolation in precomputed cumulative tables."""
 
     def moments(alpha: torch.Tensor, beta: torch.Tensor, max_order: int) -> list[torch.Tensor]:
-        table = _max_cumulative_moments(n, 4).to(alpha)
+        table = constant_like(("max", n), alpha, lambda: _max_cumulative_moments(n, 4))
         last = table.shape[1] - 1
-        step = 24.0 / last
 
         def cumulative(z: torch.Tensor) -> torch.Tensor:
-            position = ((z.clamp(-12.0, 12.0) + 12.0) / step).clamp(0, last - 1e-6)
-            index = position.floor().long()
-            frac = (position - index).unsqueeze(0)
+            index, frac, _ = _max_table_position(z, last)
             low, high = table[:, index], table[:, index + 1]
-            return low + frac * (high - low)
+            return low + frac.unsqueeze(0) * (high - low)
 
         values = cumulative(beta) - cumulative(alpha)
         return [values[k] for k in range(max_order + 1)]
 
     return moments
+
+
+def max_interval_slopes(n: int) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:
+    """The derivatives of :func:`max_interval_moments` with respect to its upper limit, at z: the slopes of the
+    interpolated tables (zero where z is clamped to their range), ``~ z^k q_n(z)``."""
+
+    def slopes(z: torch.Tensor, max_order: int) -> list[torch.Tensor]:
+        table = constant_like(("max", n), z, lambda: _max_cumulative_moments(n, 4))
+        last = table.shape[1] - 1
+        index, _, free = _max_table_position(z, last)
+        rate = (table[:, index + 1] - table[:, index]) * (free.to(z.dtype) * (last / 24.0)).unsqueeze(0)
+        return [rate[k] for k in range(max_order + 1)]
+
+    return slopes
 
 
 @cache

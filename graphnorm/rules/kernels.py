@@ -9,7 +9,18 @@ was 3x slower on ResNet-18 (``benchmarks/kernel_moments.py``). Written through a
 write an outer product and a squared-weight gradient; the hand-written backward produces the weight gradient
 ``dW = g_mean m_c + 2 W g_var v_c`` as one row scaling, one column scaling and a rank-1 update in place.
 Being a registered op (``torch.library.custom_op`` with ``register_autograd``), it stays one op when the
-statistics pass is recorded (:mod:`graphnorm.program`) or compiled, and keeps its fused backward there.
+statistics pass is recorded (:mod:`graphnorm.program`).
+
+A recorded statistics program calls :func:`kernel_moments_call` instead, with a :class:`Workspace` of its own
+per call site. Memory traffic, not arithmetic, is the cost of these ops on a CPU, and writing a weight-sized
+result into freshly allocated memory costs two to four times writing it into memory already in use (page
+faults; ``benchmarks/train_step.py --profile``). So a training step allocates no weight-sized tensor here:
+the forward squares the weight into the site's workspace and keeps it for the backward (one squaring per
+step instead of two), the backward writes the weight gradient into the same memory and hands it to autograd,
+which adds it in place to the layer's own gradient. The workspace is taken again only when nothing else holds
+it (its use count), so a gradient autograd or a hook still holds is never overwritten. Under
+``torch.compile`` the call is the plain broadcast-and-reduce formula instead, which the compiler fuses into
+single passes over the weight, forward and backward.
 """
 
 from __future__ import annotations
@@ -17,6 +28,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from ..workspace import Workspace, plain_tensors, scratch
+
+__all__ = ["KernelMomentsCall", "kernel_moments", "kernel_moments_call"]
 
 
 def _repeat_taps(values: torch.Tensor, groups: int, taps: int) -> torch.Tensor:
@@ -30,19 +45,56 @@ def _grouped_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
+def _taps(weight: torch.Tensor) -> int:
+    return weight[0, 0].numel()
+
+
+def _moments(rows: torch.Tensor, square: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int,
+             taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W m, (W*W) v)`` from the weight rows and their squares: two GEMVs."""
+    out_mean = torch.bmm(rows, _repeat_taps(mean, groups, taps).transpose(1, 2)).reshape(-1)
+    out_var = torch.bmm(square, _repeat_taps(var, groups, taps).transpose(1, 2)).reshape(-1)
+    return out_mean, out_var
+
+
+def _gradients(needs: tuple[bool, ...], weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int,
+               grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None, square: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """``(dW, dm, dv)`` for output gradients ``(g_mean, g_var)`` (None: zero), each computed only where
+    ``needs`` says. ``dW[o, c, k] = 2 W[o, c, k] g_var[o] v_c + g_mean[o] m_c`` as a row scaling, a column
+    scaling and a rank-1 update in place (broadcasts along contiguous rows; one over the few taps of a kernel
+    would not vectorize); ``dm``, ``dv``: GEMVs of the output gradients with ``W`` and ``W*W``, summed over the
+    taps. ``square`` is ``W*W`` if the caller has it; ``out`` receives ``dW`` (else a new tensor)."""
+    rows, taps = _grouped_rows(weight, groups), _taps(weight)
+    g_mean = None if grad_mean is None else grad_mean.reshape(groups, 1, -1)
+    g_var = None if grad_var is None else grad_var.reshape(groups, 1, -1)
+    grad_weight = grad_in_mean = grad_in_var = None
+    if needs[2] and g_var is not None:  # before dW, which may overwrite the square (out is square)
+        square = rows * rows if square is None else square
+        grad_in_var = torch.bmm(g_var, square).reshape(var.shape[0], taps).sum(1)
+    if needs[1] and g_mean is not None:
+        grad_in_mean = torch.bmm(g_mean, rows).reshape(mean.shape[0], taps).sum(1)
+    if needs[0] and (g_mean is not None or g_var is not None):
+        grad_weight = torch.empty_like(rows) if out is None else out
+        if g_var is None:
+            grad_weight.zero_()
+        else:
+            torch.mul(rows, _repeat_taps(var, groups, taps), out=grad_weight)
+            grad_weight.mul_(2 * g_var.transpose(1, 2))
+        if g_mean is not None:
+            grad_weight.baddbmm_(g_mean.transpose(1, 2), _repeat_taps(mean, groups, taps))
+        grad_weight = grad_weight.view(weight.shape)
+    return grad_weight, grad_in_mean, grad_in_var
+
+
 @torch.library.custom_op("graphnorm::kernel_moments", mutates_args=())
 def _kernel_moments_op(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W m, (W*W) v)`` as GEMVs over whole rows of the weight (the per-channel moments repeated over the
     taps), never a reduction over the few taps of a kernel. The squared weight is not an output (saved for the
-    backward it would be a weight-sized tensor held through the step and, under torch.compile, given a
-    weight-sized zero gradient); the backward squares again."""
+    backward it would be a weight-sized tensor held through the step); the backward squares again."""
     rows = _grouped_rows(weight, groups)
-    taps = weight[0, 0].numel()
-    square = rows * rows
-    out_mean = torch.bmm(rows, _repeat_taps(mean, groups, taps).transpose(1, 2)).reshape(-1)
-    out_var = torch.bmm(square, _repeat_taps(var, groups, taps).transpose(1, 2)).reshape(-1)
-    return out_mean, out_var
+    return _moments(rows, rows * rows, mean, var, groups, _taps(weight))
 
 
 @_kernel_moments_op.register_fake
@@ -57,49 +109,8 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
 
 
 def _backward(ctx: Any, grad_mean: torch.Tensor, grad_var: torch.Tensor, *_):
-    """``dW[o, c, k] = 2 W[o, c, k] g_var[o] v_c + g_mean[o] m_c``, written as a row scaling, a column
-    scaling and a rank-1 update in place (elementwise broadcasts along contiguous rows; a broadcast over the
-    few taps of a kernel would not vectorize). The input moments' gradients are GEMVs of the output gradients
-    with ``W`` and ``W*W``, summed over the taps."""
     weight, mean, var = ctx.saved_tensors
-    groups = ctx.groups
-    rows = _grouped_rows(weight, groups)
-    taps = weight[0, 0].numel()
-    g_mean = grad_mean.reshape(groups, 1, -1)
-    g_var = grad_var.reshape(groups, 1, -1)
-    if torch.compiler.is_compiling():
-        return (*_traced_gradients(ctx.needs_input_grad, rows, mean, var, g_mean, g_var, weight.shape),
-                None)
-    grad_weight = grad_in_mean = grad_in_var = None
-    if ctx.needs_input_grad[0]:
-        grad_weight = rows * _repeat_taps(var, groups, taps)
-        grad_weight.mul_(2 * g_var.transpose(1, 2))
-        grad_weight.baddbmm_(g_mean.transpose(1, 2), _repeat_taps(mean, groups, taps))
-        grad_weight = grad_weight.reshape(weight.shape)
-    if ctx.needs_input_grad[1]:
-        grad_in_mean = torch.bmm(g_mean, rows).reshape(mean.shape[0], taps).sum(1)
-    if ctx.needs_input_grad[2]:
-        grad_in_var = torch.bmm(g_var, rows * rows).reshape(var.shape[0], taps).sum(1)
-    return grad_weight, grad_in_mean, grad_in_var, None
-
-
-def _traced_gradients(needs: tuple[bool, ...], rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                      g_mean: torch.Tensor, g_var: torch.Tensor, shape: torch.Size) -> tuple:
-    """The same gradients as broadcasts and reductions over ``[g, O/g, C/g, taps]``, the form a compiler (which
-    traces this backward) fuses into single loops; in eager mode the GEMV form above is faster."""
-    groups, per_group_out = rows.shape[0], rows.shape[1]
-    kernel = rows.reshape(groups, per_group_out, -1, shape[2:].numel())
-    g_mean, g_var = g_mean.reshape(groups, -1, 1), g_var.reshape(groups, -1, 1)
-    mean, var = mean.reshape(groups, 1, -1), var.reshape(groups, 1, -1)
-    grad_weight = grad_in_mean = grad_in_var = None
-    if needs[0]:
-        grad_weight = torch.addcmul((g_mean * mean).unsqueeze(-1), kernel, (g_var * var).unsqueeze(-1), value=2.0)
-        grad_weight = grad_weight.reshape(shape)
-    if needs[1]:
-        grad_in_mean = (kernel.sum(-1) * g_mean).sum(1).reshape(-1)
-    if needs[2]:
-        grad_in_var = ((kernel * kernel).sum(-1) * g_var).sum(1).reshape(-1)
-    return grad_weight, grad_in_mean, grad_in_var
+    return (*_gradients(ctx.needs_input_grad, weight, mean, var, ctx.groups, grad_mean, grad_var), None)
 
 
 _kernel_moments_op.register_autograd(_backward, setup_context=_setup_context)
@@ -113,3 +124,68 @@ def kernel_moments(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
     weight, mean, var = weight.to(dtype), mean.to(dtype), var.to(dtype)
     out_mean, out_var = _kernel_moments_op(weight, mean.contiguous(), var.contiguous(), groups)
     return out_mean, out_var
+
+
+class _KernelMoments(torch.autograd.Function):
+    """:func:`kernel_moments` with the site's :class:`Workspace` (eager training)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int,
+                workspace: Workspace | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, taps = _grouped_rows(weight, groups), _taps(weight)
+        backward = workspace is not None and any(ctx.needs_input_grad[:3])
+        square, token = workspace.take(rows) if backward else (scratch(rows), None)
+        torch.mul(rows, rows, out=square)
+        out_mean, out_var = _moments(rows, square, mean, var, groups, taps)
+        ctx.save_for_backward(weight, mean, var)
+        ctx.groups, ctx.workspace, ctx.token = groups, workspace, token
+        ctx.set_materialize_grads(False)
+        return out_mean, out_var
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None):
+        weight, mean, var = ctx.saved_tensors
+        square = None
+        if ctx.token is not None and not torch.is_grad_enabled():  # create_graph: a fresh, differentiable path
+            square = ctx.workspace.claim(ctx.token)
+        grads = _gradients(ctx.needs_input_grad, weight, mean, var, ctx.groups, grad_mean, grad_var, square,
+                           out=square)
+        return (*grads, None, None)
+
+
+def _broadcast_form(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain formula as broadcasts and reductions over ``[g, O/g, C/g, taps]``: what the compiler fuses
+    into one pass over the weight (and autograd, then the compiler, into one pass backward)."""
+    kernel = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+    mean, var = mean.reshape(groups, 1, -1, 1), var.reshape(groups, 1, -1, 1)
+    return (kernel * mean).sum((2, 3)).reshape(-1), (kernel * kernel * var).sum((2, 3)).reshape(-1)
+
+
+def kernel_moments_call(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int,
+                        workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kernel_moments` as a recorded statistics program calls it (module docstring): with the call
+    site's workspace in eager mode, the broadcast-and-reduce formula under ``torch.compile``, the custom op
+    for tensors that are not plain (fake tensors, functorch transforms)."""
+    if torch.compiler.is_compiling():
+        return _broadcast_form(weight, mean, var, groups)
+    if not plain_tensors(weight, mean, var):
+        return _kernel_moments_op(weight, mean, var, groups)
+    return _KernelMoments.apply(weight, mean, var, groups, workspace)
+
+
+class KernelMomentsCall(torch.nn.Module):
+    """One kernel-moments op of a recorded statistics program, with its call site's :class:`Workspace` (a
+    submodule, so that the program's code calls it by name and survives pickling)."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.workspace = Workspace()
+
+    def forward(self, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel_moments_call(weight, mean, var, self.groups, self.workspace)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"

@@ -22,7 +22,8 @@ from ..normalizers import (
 from ..ops import register_instance_op, register_op
 from ..program import folded_layer
 from . import moment_rule
-from .affine import batch_norm, conv, linear
+from .affine import batch_norm, conv, linear, noisy_normalized_moments, normalized
+from .fusion import plain
 
 REPARAM = "reparam"
 
@@ -38,12 +39,10 @@ def analytic_norm(x: Moments, *, module: AnalyticNorm, training: bool, **_) -> M
                           training=True, eps=module.eps)
     # Noise is shared over positions: summarize per channel, where the output moments are exact.
     _, second, shift_second = noise_moments(module)
-    var = second * (x.var / (x.var + module.eps)) + shift_second
-    mean = torch.zeros_like(var)
-    if module.weight is not None:
-        var = var * module.weight.square()
-    if module.bias is not None:
-        mean = mean + module.bias
+    if isinstance(second, float) and isinstance(shift_second, float) and plain(x):  # BatchNorm's noise: fused
+        mean, var = normalized(x.mean, x.var, module.weight, module.bias, module.eps, second, shift_second)
+    else:
+        mean, var = noisy_normalized_moments(x.var, module.weight, module.bias, module.eps, second, shift_second)
     return Moments.per_channel(mean, var, x.shape)
 
 

@@ -18,7 +18,7 @@ Average pooling over k independent values keeps the mean and divides the varianc
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,19 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from ..errors import RuleError
 from ..moments import Moments, MonotoneSource
 from . import moment_rule
-from .activations import centered_piecewise
 from .arguments import as_tuple
 from .channel_correlation import depthwise_correlation, pooled_correlation
-from .gaussian import max_interval_moments, max_order_statistics, max_quadrature, max_third_cumulant, safe_std
+from .fusion import FusedForm, fused, fusion_enabled
+from .gaussian import max_order_statistics, max_quadrature, max_third_cumulant, safe_std
 from .neighbours import correlated_output, linear_map_template, pooled_variance_ratio
+from .piecewise import (
+    Base,
+    centered_gradients,
+    centered_piecewise,
+    centered_piecewise_derivatives,
+    evaluate_piecewise,
+    max_base,
+)
 
 
 def _as_2d(maps: torch.Tensor) -> torch.Tensor:
@@ -117,11 +125,15 @@ def _max_of_iid(mean: torch.Tensor, var: torch.Tensor, window: int, source: Mono
     if source is None:
         third = var.clamp_min(0) ** 1.5 * max_third_cumulant(window) if skewed else None
         return Moments(mean + var.sqrt() * offset, var * shrink, out_shape, third=third)
+    if source.piecewise is not None and not skewed and fusion_enabled():
+        breakpoints, pieces = source.piecewise
+        form = MaxOfMonotone(window, tuple(breakpoints), tuple(tuple(piece) for piece in pieces))
+        return Moments(*fused(form, mean, var), out_shape)
     std = safe_std(var)
     typical = source.function(mean + std * offset)
     if source.piecewise is not None:
         breakpoints, pieces = source.piecewise
-        raw = centered_piecewise(mean, std, breakpoints, pieces, typical, max_interval_moments(window),
+        raw = centered_piecewise(mean, std, breakpoints, pieces, typical, max_base(window),
                                  orders=3 if skewed else 2)
     elif not per_unit or skewed:
         raw = _smooth_max_moments(source.function, mean, std, typical, window, orders=3 if skewed else 2,
@@ -131,6 +143,41 @@ def _max_of_iid(mean: torch.Tensor, var: torch.Tensor, window: int, source: Mono
     first, second = raw[0], raw[1]
     third = raw[2] - 3 * first * second + 2 * first**3 if skewed else None
     return Moments(typical + first, (second - first * first).clamp_min(0), out_shape, third=third)
+
+
+@dataclass(frozen=True)
+class MaxOfMonotone(FusedForm):
+    """``f(max of window iid N(mean, var))`` for a non-decreasing piecewise-polynomial f (the branch of
+    :func:`_max_of_iid` for ReLU and clamps) as one fused op (:mod:`.fusion`): moments about
+    ``f(mean + std E_n)`` against the max's tabulated partial moments; backward by the derivatives of
+    :mod:`.piecewise` with the tables' slopes at the limits."""
+
+    window: int
+    breakpoints: tuple[float, ...]
+    pieces: tuple[tuple[float, ...], ...]
+    # constants of the window, computed once (a compiled program then holds them as constants)
+    offset: float = field(init=False, compare=False, repr=False)
+    base: Base = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offset", max_order_statistics(self.window)[0])
+        object.__setattr__(self, "base", max_base(self.window))
+
+    def _parts(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        std = safe_std(var)
+        return std, evaluate_piecewise(mean + std * self.offset, self.breakpoints, self.pieces)
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        std, typical = self._parts(mean, var)
+        first, second = centered_piecewise(mean, std, self.breakpoints, self.pieces, typical, self.base)
+        return typical + first, (second - first * first).clamp_min(0)
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        mean, var = inputs
+        std, typical = self._parts(mean, var)
+        first, second, *derivatives = centered_piecewise_derivatives(mean, std, self.breakpoints, self.pieces,
+                                                                     typical, self.base)
+        return centered_gradients(first, derivatives, second - first * first, var, std, grads)
 
 
 def _smooth_max_moments(function, mean: torch.Tensor, std: torch.Tensor, typical: torch.Tensor, window: int,

@@ -111,29 +111,41 @@ def _channel_form(constant: torch.Tensor) -> torch.Tensor:
 def _result(mean: torch.Tensor, var: torch.Tensor, out_shape, per_unit: bool,
             third: torch.Tensor | None = None) -> Moments:
     shape = tuple(out_shape)
-    if per_unit and len(shape) > 1:
-        return Moments(mean.expand(shape), var.expand(shape), shape,
-                       third=None if third is None else third.expand(shape))
-    return Moments(mean.expand(shape[0]), var.expand(shape[0]), shape,
-                   third=None if third is None else third.expand(shape[0]))
+    stored = shape if per_unit and len(shape) > 1 else shape[:1]
+    return Moments(_expanded(mean, stored), _expanded(var, stored), shape,
+                   third=None if third is None else _expanded(third, stored))
+
+
+def _expanded(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``values`` broadcast to ``shape`` (no op when it has that shape already)."""
+    return values if tuple(values.shape) == shape else values.expand(shape)
 
 
 def _affine_constant(x: Moments, scale, shift, out_shape) -> Moments:
     """``scale * x + shift`` with constant scale and shift (numbers or tensors broadcastable to x)."""
+    unit = _is_number(scale, 1)
+    no_shift = _is_number(shift, 0)
     scale, shift = (_per_sample_constant(c, x) for c in (scale, shift))
     varies = _varies_within_channel(scale)
-    if x.is_per_unit or varies or _varies_within_channel(shift):
+    per_unit = x.is_per_unit or varies or _varies_within_channel(shift)
+    if per_unit:
         mean, var, third = x.unit_mean, x.unit_var, x.unit_third
-        out = _result(mean * scale + shift, var * scale * scale, out_shape, per_unit=True,
-                      third=third_through_affine(third, scale))
     else:
         scale, shift = _channel_form(scale), _channel_form(shift)
-        out = _result(x.loc * scale + shift, x.spread * scale * scale, out_shape, per_unit=False,
-                      third=third_through_affine(x.third, scale))
+        mean, var, third = x.loc, x.spread, x.third
+    if not unit:  # (no op recorded for a scale of 1 or a shift of 0)
+        mean, var = mean * scale, var * scale * scale
+    if not no_shift:
+        mean = mean + shift
+    out = _result(mean, var, out_shape, per_unit, third=third_through_affine(third, scale))
     # a per-channel scale keeps the correlation between positions
     if varies or out.shape != x.shape:
         return out
     return replace(out, neighbours=x.neighbours, channel_correlation=affine_correlation(x, _channel_form(scale)))
+
+
+def _is_number(value, number: float) -> bool:
+    return isinstance(value, numbers.Number) and value == number
 
 
 def _pair(a: Moments, b: Moments) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,7 +166,8 @@ def _add(a: Operand, b: Operand, sign: float, alpha, out_shape) -> Moments:
         if a.third is not None and b.third is not None:  # third cumulants of independent operands add
             ta, tb = (a.unit_third, b.unit_third) if per_unit else (a.third, b.third)
             third = ta + scale_b**3 * tb
-        out = _result(ma + scale_b * mb, va + scale_b**2 * vb, out_shape, per_unit, third)
+        out = _result(ma + mb if scale_b == 1 else ma + scale_b * mb,
+                      va + vb if scale_b**2 == 1 else va + scale_b**2 * vb, out_shape, per_unit, third)
         if a.shape != b.shape or out.shape != a.shape:
             return out
         return replace(out, neighbours=_sum_template(a, b, scale_b), channel_correlation=sum_correlation(a, b, scale_b))
