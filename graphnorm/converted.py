@@ -22,7 +22,14 @@ import torch
 from torch import fx
 
 from .graphs import parameter_dtype
-from .program import StatisticsProgram, compute_dtype, folded_layer, record_statistics, training_flag_reads
+from .program import (
+    StatisticsProgram,
+    StatisticsSummary,
+    compute_dtype,
+    folded_layer,
+    record_statistics,
+    training_flag_reads,
+)
 from .propagate import MomentPropagator
 from .rules.normalizers import raw_layer_output
 from .sampling import SampledFallback
@@ -198,6 +205,9 @@ class ConvertedModule(fx.GraphModule):
         program = StatisticsProgram(programs[True], programs[False], input_mean, input_var, names)
         self.add_submodule(PROGRAM, program)
         _call_program(self, state, names)
+        log = getattr(self, "graphnorm_log", None)
+        if log is not None:
+            log.statistics = StatisticsSummary.of(programs[True], state.prepare(self).recorded)
         state.propagator = None
 
     def __reduce__(self) -> tuple:

@@ -27,8 +27,10 @@ simply runs (no data pointers of fake tensors are read).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,9 +41,79 @@ from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from .normalizers import scaled_layer
 
-__all__ = ["StatisticsProgram", "folded_layer", "record_statistics"]
+__all__ = ["StatisticsProgram", "StatisticsSummary", "folded_layer", "record_statistics"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class RuleRecord:
+    """What one node's moment rule put into a recorded program: its op key, the plain ATen ops and the fused ops
+    (fused forms, kernel moments) it recorded."""
+
+    key: str
+    plain: int
+    fused: int
+
+
+@contextlib.contextmanager
+def recording_of(node: str, key: str, records: dict[str, RuleRecord]) -> Iterator[None]:
+    """Count the ops recorded while a rule runs, when it runs inside :func:`record_statistics` (else nothing)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    if mode is None:
+        yield
+        return
+    graph = mode.tracer.graph
+    before = len(graph.nodes)
+    yield
+    new = list(itertools.islice(reversed(graph.nodes), len(graph.nodes) - before))
+    calls = [n for n in new if n.op == "call_function" and n.target is not operator.getitem]
+    fused_ops = (torch.ops.graphnorm.kernel_moments.default, torch.ops.graphnorm.fused.default)
+    fused = sum(n.target in fused_ops for n in calls)
+    records[node] = RuleRecord(key, len(calls) - fused, fused)
+
+
+@dataclass(frozen=True)
+class StatisticsSummary:
+    """The recorded statistics program of a converted model, for its log: the ops one training step runs, how
+    many are fused (kernel moments and fused forms, :mod:`graphnorm.rules.fusion`, one op each), and, per op
+    key, the nodes whose rules recorded plain ATen ops without a fused form (with their op count)."""
+
+    ops: int
+    fused: int
+    unfused: dict[str, tuple[int, int]] = field(default_factory=dict)  # op key -> (nodes, plain ops)
+
+    @classmethod
+    def of(cls, program: fx.GraphModule, records: dict[str, RuleRecord]) -> StatisticsSummary:
+        fused = sum(node.op == "call_module" and isinstance(getattr(program, str(node.target)), _fused_call_types())
+                    for node in program.graph.nodes)
+        unfused: dict[str, tuple[int, int]] = {}
+        for record in records.values():
+            if record.plain and not record.fused:
+                nodes, ops = unfused.get(record.key, (0, 0))
+                unfused[record.key] = (nodes + 1, ops + record.plain)
+        return cls(op_count(program), fused, dict(sorted(unfused.items(), key=lambda item: -item[1][1])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ops": self.ops, "fused": self.fused,
+                "unfused": {key: {"nodes": nodes, "ops": ops} for key, (nodes, ops) in self.unfused.items()}}
+
+    def __str__(self) -> str:
+        text = f"statistics program: {self.ops} ops per training step ({self.fused} fused)"
+        if self.unfused:
+            rules = (f"{key} ({nodes} node{'s' if nodes > 1 else ''}, {ops} ops)"
+                     for key, (nodes, ops) in self.unfused.items())
+            text += "; rules in plain ops, without a fused form: " + ", ".join(rules)
+        return text
+
+
+def _fused_call_types() -> tuple[type, ...]:
+    from .rules.fusion import FusedCall  # the rules package imports this module
+    from .rules.kernels import KernelMomentsCall
+
+    return FusedCall, KernelMomentsCall
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

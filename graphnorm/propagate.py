@@ -24,6 +24,7 @@ from .errors import GraphnormError, RuleError, UnsupportedOp, UnsupportedOpError
 from .graphs import ancestors, parameter_dtype
 from .moments import Moments
 from .ops import canonical_call, target_name
+from .program import RuleRecord, recording_of
 from .rules import RULES
 from .sampling import DEFAULT_SAMPLES, CommonRandomNumbers, SampledFallback, SampledNode, resolve_fallback, sampled_call
 from .stats import InputStats
@@ -145,6 +146,7 @@ class MomentPropagator:
         self.batch_norm = batch_norm
         self.fallback = resolve_fallback(fallback, fallback_samples)
         self.sampled: dict[str, SampledNode] = {}
+        self.recorded: dict[str, RuleRecord] = {}  # what each rule put into a statistics program being recorded
         self._random_numbers = CommonRandomNumbers(self.fallback) if self.fallback is not None else None
         self.graph_module = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
                                   input_shape=self.input_shape)
@@ -411,7 +413,8 @@ class _MomentInterpreter(fx.Interpreter):
             if key == "permute":
                 source = self.orders.get(node.args[0].name) or tuple(range(len(params["dims"])))
                 self.orders[node.name] = tuple(source[d] for d in params["dims"])
-            return RULES[key](*inputs, out_shape=propagator.shapes.get(node.name, ()), **params)
+            with recording_of(node.name, key, propagator.recorded):
+                return RULES[key](*inputs, out_shape=propagator.shapes.get(node.name, ()), **params)
         except (RuleError, NotImplementedError) as err:
             if propagator.fallback is None:
                 raise self._rule_failure(node, err) from err

@@ -57,6 +57,7 @@ from .normalizers import (
 )
 from .ops import spelling_of
 from .pickling import make_picklable
+from .program import StatisticsSummary
 from .propagate import ACCURACIES, Accuracy, MomentPropagator, MomentTable, auto_spatial
 from .rules.normalizers import REPARAM, raw_layer_output
 from .sampling import DEFAULT_SAMPLES, SampledNode
@@ -106,6 +107,7 @@ class ConversionLog:
     specialized: list[str] = field(default_factory=list)  # where the graph took a branch for the input shape
     sampled: list[SampledNode] = field(default_factory=list)  # ops whose moments the sampled fallback estimates
     fallback_samples: int | None = None  # K of the sampled fallback (None: fallback="error")
+    statistics: StatisticsSummary | None = None  # the recorded statistics program (None: the model has none)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -123,7 +125,8 @@ class ConversionLog:
                 "rewritten": [asdict(r) for r in self.rewritten], "skipped": [asdict(s) for s in self.skipped],
                 "agreement": self.agreement.to_dict() if self.agreement is not None else None,
                 "capture": self.capture, "specialized": self.specialized,
-                "fallback_samples": self.fallback_samples, "sampled": [asdict(n) for n in self.sampled]}
+                "fallback_samples": self.fallback_samples, "sampled": [asdict(n) for n in self.sampled],
+                "statistics": self.statistics.to_dict() if self.statistics is not None else None}
 
     def __str__(self) -> str:
         forms = ", ".join(f"{count} {form}" for form, count in self.counts.items()) or "none"
@@ -139,6 +142,8 @@ class ConversionLog:
             lines.append(f"  {len(self.sampled)} op(s) without a closed-form rule, moments from "
                          f"{self.fallback_samples} samples:")
             lines += [f"    {node.describe()}" for node in self.sampled]
+        if self.statistics is not None:
+            lines.append(f"  {self.statistics}")
         if self.agreement is not None:
             lines.append(f"  agreement with the original: {self.agreement}")
         return "\n".join(lines)

@@ -84,3 +84,60 @@ class EveryForm(nn.Module):
         seq = self.bn_seq(self.seq_linear(pooled))  # BatchNorm1d on (N, C, L): normalizes dim 1, not L
         features = torch.cat([seq.flatten(1), F.adaptive_avg_pool2d(z, 1).flatten(1)], 1)
         return self.bn1d(self.linear(features))
+
+
+class TinyResNet(nn.Module):
+    """ResNet's shape in miniature: a 7x7/2 stem, BatchNorm, ReLU, a 3x3/2 max-pool, a basic block and a
+    downsampling block with a 1x1 projection, global pooling and a classifier."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.block = _BasicBlock(width, width, 1)
+        self.down = _BasicBlock(width, 2 * width, 2)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.down(self.block(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.project = None
+        if stride != 1 or inputs != outputs:
+            self.project = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x):
+        skip = x if self.project is None else self.project(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + skip)
+
+
+class TinyMobile(nn.Module):
+    """The mobile families in miniature: an inverted residual (1x1 expansion, ReLU6, depthwise 3x3, Hardswish,
+    squeeze-excitation with SiLU and a sigmoid gate, 1x1 projection, skip), then a GELU head block."""
+
+    def __init__(self, width: int = 8, expand: int = 3, classes: int = 10):
+        super().__init__()
+        hidden = width * expand
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.expand = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, 4, 1), nn.SiLU(),
+                                     nn.Conv2d(4, hidden, 1), nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.tail = nn.Sequential(nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.GELU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.depthwise(self.expand(x))
+        x = x + self.project(y * self.squeeze(y))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.tail(x), 1), 1))

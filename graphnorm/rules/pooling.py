@@ -17,6 +17,7 @@ Average pooling over k independent values keeps the mean and divides the varianc
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -258,10 +259,10 @@ def _avg_pool(x: Moments, *, kernel_size, stride, padding, ceil_mode: bool, coun
     return Moments.per_unit(pool(mean).reshape(out_shape), out_var.reshape(out_shape))
 
 
-def _adaptive_bin_counts(in_size: int, out_size: int) -> torch.Tensor:
+def _adaptive_bin_counts(in_size: int, out_size: int) -> list[int]:
     starts = [(i * in_size) // out_size for i in range(out_size)]
     ends = [-((-(i + 1) * in_size) // out_size) for i in range(out_size)]
-    return torch.tensor([e - s for s, e in zip(starts, ends, strict=True)], dtype=torch.float64)
+    return [e - s for s, e in zip(starts, ends, strict=True)]
 
 
 @moment_rule("adaptive_avg_pool")
@@ -271,20 +272,22 @@ def adaptive_avg_pool(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments
     the bins are mixed: mean ``m``, var ``v mean_j(1/n_j)``. In accurate mode the variance is multiplied by
     the sum of the neighbour correlations over the bin (:func:`.neighbours.pooled_variance_ratio`, bins of
     the average size)."""
-    counts = torch.ones((), dtype=torch.float64)
-    for in_size, out_size in zip(x.shape[1:], out_shape[1:], strict=True):
-        counts = counts.unsqueeze(-1) * _adaptive_bin_counts(in_size, out_size)
-    inverse = (1.0 / counts).to(x.loc.dtype)
-    ratio = torch.ones((), dtype=x.loc.dtype, device=x.loc.device)
+    counts = [math.prod(bin_sizes) for bin_sizes in itertools.product(
+        *(_adaptive_bin_counts(in_size, out_size) for in_size, out_size in zip(x.shape[1:], out_shape[1:],
+                                                                                 strict=True)))]
+    ratio = None
     if x.neighbours is not None:  # accurate mode: neighbours within a bin are correlated
         bins = tuple(round(size / out) for size, out in zip(x.shape[1:], out_shape[1:], strict=True))
         ratio = pooled_variance_ratio(x.neighbours, bins).reshape(-1, *(1,) * (len(out_shape) - 1))
     channel_correlation = pooled_correlation(x) if math.prod(out_shape[1:]) == 1 else None
-    if not x.is_per_unit:
-        return Moments(x.loc, x.spread * inverse.mean() * ratio.reshape(-1), tuple(out_shape),
+    if not x.is_per_unit:  # (shape-derived constants in Python: one op in a recorded program)
+        var = x.spread * (sum(1.0 / n for n in counts) / len(counts))
+        return Moments(x.loc, var if ratio is None else var * ratio.reshape(-1), tuple(out_shape),
                        channel_correlation=channel_correlation)
     pool = F.adaptive_avg_pool1d if len(out_shape) == 2 else F.adaptive_avg_pool2d
     spatial = tuple(out_shape[1:])
+    inverse = torch.tensor([1.0 / n for n in counts], dtype=x.loc.dtype, device=x.loc.device).reshape(spatial)
     mean = pool(x.loc.unsqueeze(0), spatial)[0]
-    var = pool(x.spread.unsqueeze(0), spatial)[0] * inverse * ratio
-    return Moments(mean, var, tuple(mean.shape), channel_correlation=channel_correlation)
+    var = pool(x.spread.unsqueeze(0), spatial)[0] * inverse
+    return Moments(mean, var if ratio is None else var * ratio, tuple(mean.shape),
+                   channel_correlation=channel_correlation)

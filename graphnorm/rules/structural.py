@@ -10,7 +10,7 @@ their skip; that covariance is neglected (MATH.md section 6).
 from __future__ import annotations
 
 import numbers
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +18,7 @@ from ..errors import RuleError
 from ..moments import Moments
 from . import moment_rule
 from .channel_correlation import affine_correlation, concatenated_correlation, gated_correlation, sum_correlation
+from .fusion import FusedForm, fused, plain
 from .neighbours import add_templates, product_template, template_of, template_radius
 from .skewness import third_through_affine
 
@@ -207,9 +208,11 @@ def mul(a: Operand, b: Operand, *, out_shape: tuple[int, ...], **_) -> Moments:
             m, v = a.loc, a.spread
             return Moments(v + m * m, 2 * v * v + 4 * m * m * v, a.shape)
         per_unit, ma, va, mb, vb = _pair(a, b)
-        second = (va + ma * ma) * (vb + mb * mb)
-        mean = ma * mb
-        out = _result(mean, second - mean * mean, out_shape, per_unit)
+        if ma.shape == mb.shape and plain(a, b):
+            mean, var = fused(PRODUCT, ma, va, mb, vb)
+        else:
+            mean, var = independent_product(ma, va, mb, vb)
+        out = _result(mean, var, out_shape, per_unit)
         for x, gate in ((a, b), (b, a)):
             if tuple(out_shape) == x.shape and gate.positions == 1 and x.positions > 1:
                 return replace(out, neighbours=_gated_template(x, gate), channel_correlation=gated_correlation(x, gate))
@@ -217,6 +220,32 @@ def mul(a: Operand, b: Operand, *, out_shape: tuple[int, ...], **_) -> Moments:
     if isinstance(a, Moments):
         return _affine_constant(a, b, 0.0, out_shape)
     return _affine_constant(b, a, 0.0, out_shape)
+
+
+def independent_product(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``m_a m_b`` and variance ``(v_a + m_a^2)(v_b + m_b^2) - m_a^2 m_b^2`` of the product of independent
+    values (exact)."""
+    mean = mean_a * mean_b
+    return mean, (var_a + mean_a * mean_a) * (var_b + mean_b * mean_b) - mean * mean
+
+
+@dataclass(frozen=True)
+class Product(FusedForm):
+    """:func:`independent_product` as one fused op (operands of one shape). Backward: ``d mean = m_b dm_a +
+    m_a dm_b``; ``d var/dv_a = v_b + m_b^2``, ``d var/dm_a = 2 m_a v_b`` (and symmetrically)."""
+
+    def reference(self, mean_a, var_a, mean_b, var_b):
+        return independent_product(mean_a, var_a, mean_b, var_b)
+
+    def backward(self, inputs, outputs, grads, residuals=()):
+        mean_a, var_a, mean_b, var_b = inputs
+        grad_mean, grad_var = (torch.zeros_like(mean_a) if g is None else g for g in grads)
+        return (grad_mean * mean_b + grad_var * (2 * mean_a * var_b), grad_var * (var_b + mean_b * mean_b),
+                grad_mean * mean_a + grad_var * (2 * mean_b * var_a), grad_var * (var_a + mean_a * mean_a))
+
+
+PRODUCT = Product()
 
 
 def _gated_template(x: Moments, gate: Moments) -> torch.Tensor | None:
