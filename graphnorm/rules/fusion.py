@@ -105,9 +105,19 @@ def _handle(form: FusedForm) -> int:
 
 @torch.library.custom_op("graphnorm::fused", mutates_args=())
 def _fused_op(handle: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    storages = {t.untyped_storage().data_ptr() for t in inputs}
-    return [t.clone() if t.untyped_storage().data_ptr() in storages else t  # a custom op's outputs alias nothing
-            for t in _FORMS[handle].forward(*inputs)[0]]
+    return _unaliased(_FORMS[handle].forward(*inputs)[0], inputs)
+
+
+def _unaliased(results: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``results`` with those that share memory with an input (or each other) copied: a custom op's outputs
+    alias nothing."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    unaliased = []
+    for t in results:
+        pointer = t.untyped_storage().data_ptr()
+        unaliased.append(t.clone() if pointer in seen else t)
+        seen.add(pointer)
+    return unaliased
 
 
 @_fused_op.register_fake
@@ -122,9 +132,28 @@ def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     ctx.count = len(tensors)
 
 
+@torch.library.custom_op("graphnorm::fused_backward", mutates_args=())
+def _fused_backward_op(handle: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                       grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A form's backward as an op of its own, so that a compiler keeps it whole (a library call, like the
+    forward) instead of tracing its closed form into generated code (input gradients it has none for: 0)."""
+    results = _FORMS[handle].backward(inputs, outputs, grads)
+    results = [torch.zeros_like(t) if g is None else g for g, t in zip(results, inputs, strict=True)]
+    return _unaliased(results, [*inputs, *outputs, *grads])
+
+
+@_fused_backward_op.register_fake
+def _(handle, inputs, outputs, grads):
+    return [torch.empty_like(t) for t in inputs]
+
+
 def _op_backward(ctx: Any, grads: list[torch.Tensor | None]):
     saved = ctx.saved_tensors
-    return None, list(ctx.form.backward(saved[: ctx.count], saved[ctx.count:], grads))
+    inputs, outputs = saved[: ctx.count], saved[ctx.count:]
+    if torch.compiler.is_compiling():
+        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs, strict=True)]
+        return None, _fused_backward_op(_HANDLES[ctx.form], list(inputs), list(outputs), grads)
+    return None, list(ctx.form.backward(inputs, outputs, grads))
 
 
 _fused_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -154,9 +183,11 @@ def fused(form: FusedForm, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def fused_call(form: FusedForm, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``form`` as a recorded statistics program calls it: a ``torch.autograd.Function`` in eager mode (no op
-    dispatch, no autograd node per op), the differentiable reference under ``torch.compile``."""
+    dispatch, no autograd node per op); under ``torch.compile`` the custom op, forward and backward each one
+    library call of the compiled graph (the compiler's own code for these small ops is no faster, and takes
+    long to generate)."""
     if torch.compiler.is_compiling():
-        return tuple(form.reference(*inputs))
+        return fused(form, *inputs)
     return _FusedFunction.apply(form, *inputs)
 
 

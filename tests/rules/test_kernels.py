@@ -53,9 +53,9 @@ def test_kernel_moments_gradient_of_one_output(used) -> None:
 
 
 def test_the_compiler_form_equals_the_eager_form(monkeypatch) -> None:
-    """Under torch.compile a recorded program's kernel moments are the broadcast-and-reduce formula (fused by
-    inductor, forward and backward); it must give the eager GEMV form's values and gradients (checked here in
-    eager mode by pretending to compile)."""
+    """Under torch.compile a recorded program's kernel moments are the custom op, forward and backward each one
+    library call of the compiled graph (no workspace); it must give the eager form's values and gradients
+    (checked here in eager mode by pretending to compile)."""
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
