@@ -1,51 +1,94 @@
-"""Wall time of one training step (forward + backward + SGD step) of torchvision ResNet-18 on (B, 3, S, S):
-the original BatchNorm model, graphnorm's analytic, reparam and NormProp conversions, the same network with
-BatchNorm removed (the floor for any batch-independent normalizer), and the weight-based normalizers a user would
-pick instead (BatchNorm removed, every conv swapped): torch ``weight_norm`` and timm ``StdConv2d`` (weight
-standardization). Measured side by side, round-robin, reported as ratios to the BatchNorm step; ``--compile``
-adds every variant under ``torch.compile`` (ratios to the compiled BatchNorm step). Also reported: the number of
-ops the recorded statistics program runs per training step (forward, and backward nodes), each a kernel launch on
-a GPU.
+"""Wall time of one training step (forward + backward + SGD step with momentum) at the batch sizes graphnorm is
+for, on torchvision ResNet-18 (and MobileNetV2, EfficientNet-B0 with ``--models``), 10 classes, on (B, 3, S, S):
+the original BatchNorm model, graphnorm's analytic, reparam and NormProp conversions, and what a user who trains
+with tiny batches picks instead: GroupNorm(32) in place of every BatchNorm (groups reduced to divide the
+channels where 32 does not), torchvision ``FrozenBatchNorm2d`` (BatchNorm with frozen statistics and affine),
+torch ``weight_norm`` on every conv with BatchNorm removed, and the same network without normalization (the
+floor of any batch-independent normalizer). Measured side by side, round-robin, in one run, as ratios to the
+BatchNorm step; ``--compile`` adds every variant under ``torch.compile`` (ratios to the compiled BatchNorm step)
+and the time of its first compiled step, with a fresh compiler cache. Also reported per graphnorm mode: the
+ops of the recorded statistics program (``graphnorm_log.statistics``) and the ATen ops one step's statistics
+dispatch, forward and backward (each a kernel launch on a GPU).
 
-    python benchmarks/train_step.py                   # B in 1 8 32, 20 steps each, 32x32
-    python benchmarks/train_step.py --batches 32 --size 64 --compile
-    python benchmarks/train_step.py --batches 32 --repeats 40 --profile --breakdown
-    python benchmarks/train_step.py --batches 32 --repeats 10 --breakdown --profile-statistics --compile
-    python benchmarks/train_step.py --batches 32 --repeats 8 --compile --only BatchNorm "graphnorm analytic"
+    python benchmarks/train_step.py --batch 1,2,8 --size 64
+    python benchmarks/train_step.py --batch 1,2,8 --size 128 --repeats 10
+    python benchmarks/train_step.py --batch 1,8 --size 64 --compile --repeats 8
+    python benchmarks/train_step.py --models mobilenet_v2 efficientnet_b0 --batch 1,2,8 --size 64
+    python benchmarks/train_step.py --batch 32 --size 32 --only BatchNorm "graphnorm analytic" --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import cProfile
-import pstats
+import math
+import os
+import tempfile
+import time
 
-import timm.layers
 import torch
 import torch.nn as nn
 import torchvision
-from common import announce, interleaved_medians, write_result
+from common import announce, interleaved_medians, markdown_table, write_result
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import graphnorm
 from graphnorm import InputStats
-from graphnorm.program import op_count
+from graphnorm.program import dispatched_ops
+
+MODELS = {"resnet18": torchvision.models.resnet18, "mobilenet_v2": torchvision.models.mobilenet_v2,
+          "efficientnet_b0": torchvision.models.efficientnet_b0}
+MODES = ("analytic", "reparam", "normprop")
 
 
-def without_batchnorm(model: nn.Module) -> nn.Module:
-    stripped = copy.deepcopy(model)
-    for name, module in list(stripped.named_modules()):
+def _swap_batchnorms(model: nn.Module, make) -> nn.Module:
+    """A copy with every BatchNorm2d replaced by ``make(batchnorm)``."""
+    swapped = copy.deepcopy(model)
+    for name, module in list(swapped.named_modules()):
         if isinstance(module, nn.BatchNorm2d):
-            stripped.set_submodule(name, nn.Identity())
+            swapped.set_submodule(name, make(module))
+    return swapped
+
+
+def _group_norm(batchnorm: nn.BatchNorm2d) -> nn.GroupNorm:
+    channels = batchnorm.num_features
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def _frozen(batchnorm: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    frozen = FrozenBatchNorm2d(batchnorm.num_features, eps=batchnorm.eps)
+    frozen.load_state_dict({k: v for k, v in batchnorm.state_dict().items() if k != "num_batches_tracked"})
+    return frozen
+
+
+def _weight_normalized(model: nn.Module) -> nn.Module:
+    """BatchNorm removed and every conv weight-normalized with torch ``weight_norm`` (``g v/||v||``)."""
+    stripped = _swap_batchnorms(model, lambda _: nn.Identity())
+    for name, module in list(stripped.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            stripped.set_submodule(name, torch.nn.utils.parametrizations.weight_norm(module))
     return stripped
 
 
-def step_function(model: nn.Module, batch: int, size: int = 32):
+def variants(base: nn.Module, size: int) -> dict:
+    stats, shape = InputStats.standard(3), (1, 3, size, size)
+    made = {"BatchNorm": lambda: copy.deepcopy(base),
+            "GroupNorm(32)": lambda: _swap_batchnorms(base, _group_norm),
+            "FrozenBatchNorm2d": lambda: _swap_batchnorms(base, _frozen),
+            "weight_norm, no BN": lambda: _weight_normalized(base),
+            "no normalization": lambda: _swap_batchnorms(base, lambda _: nn.Identity())}
+    for mode in MODES:
+        made[f"graphnorm {mode}"] = lambda mode=mode: graphnorm.convert(base, stats, input_shape=shape, mode=mode,
+                                                                        agreement_samples=0)
+    return made
+
+
+def step_function(model: nn.Module, batch: int, size: int, classes: int = 10):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     generator = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, size, size, generator=generator)
-    y = torch.randint(0, 1000, (batch,), generator=generator)
+    y = torch.randint(0, classes, (batch,), generator=generator)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -55,163 +98,136 @@ def step_function(model: nn.Module, batch: int, size: int = 32):
     return step
 
 
-def with_weight_normalized_convs(model: nn.Module, kind: str) -> nn.Module:
-    """BatchNorm removed and every conv weight-normalized: torch ``weight_norm`` (``g v/||v||``) or timm
-    ``StdConv2d`` (weight standardization), with the original weights."""
-    stripped = without_batchnorm(model)
-    for name, module in list(stripped.named_modules()):
-        if not isinstance(module, nn.Conv2d):
-            continue
-        if kind == "weight_norm":
-            stripped.set_submodule(name, torch.nn.utils.parametrizations.weight_norm(module))
-        else:
-            swapped = timm.layers.StdConv2d(module.in_channels, module.out_channels, module.kernel_size,
-                                            module.stride, module.padding, module.dilation, module.groups,
-                                            bias=module.bias is not None)
-            swapped.load_state_dict(module.state_dict())
-            stripped.set_submodule(name, swapped)
-    return stripped
+def statistics_counts(base: nn.Module, size: int) -> dict[str, dict]:
+    """Per mode: the recorded program's ops and the ATen ops one step's statistics dispatch."""
+    counts = {}
+    for mode in MODES:
+        converted = graphnorm.convert(base, InputStats.standard(3), input_shape=(1, 3, size, size), mode=mode,
+                                      agreement_samples=0)
+        program = converted.statistics_program
+        summary = converted.graphnorm_log.statistics
+        counts[mode] = {"program_ops": 0 if summary is None else summary.ops,
+                        "fused": 0 if summary is None else summary.fused,
+                        "dispatched": ({"forward": 0, "backward": 0} if program is None
+                                       else dispatched_ops(program, converted.statistics_inputs())),
+                        "log": "" if summary is None else str(summary)}
+    return counts
 
 
-def statistics_op_counts(converted: graphnorm.ConvertedModule) -> dict[str, int]:
-    """Ops of one training step's statistics: the recorded program's forward ops and the autograd nodes its
-    backward runs."""
-    program = converted.statistics_program
-    if program is None:
-        return {"forward_ops": 0, "backward_nodes": 0}
-    outputs = program.train()(*converted.statistics_inputs())
-    seen, stack = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    backward = sum(type(node).__name__ != "AccumulateGrad" for node in seen)
-    return {"forward_ops": op_count(program.train_program), "backward_nodes": backward}
-
-
-def breakdown(base: nn.Module, stats: InputStats, batch: int, size: int, repeats: int, compiled: bool = False,
-              profile: bool = False) -> dict[str, float]:
-    """Split one analytic training step: the statistics program (forward, forward + backward; with ``compiled``
-    also the program alone under torch.compile) next to the whole step's forward + backward and BatchNorm's
-    (medians, ms). ``profile`` prints torch.profiler's op table of 5 program forward + backward passes."""
-    converted = graphnorm.convert(base, stats, input_shape=(1, 3, size, size), mode="analytic").train()
-    program = converted.statistics_program
-    inputs = converted.statistics_inputs()
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+def breakdown(base: nn.Module, batch: int, size: int, repeats: int) -> dict[str, float]:
+    """Split an analytic step: the statistics program forward, forward + backward, the whole step's forward +
+    backward and BatchNorm's (medians, ms)."""
+    converted = graphnorm.convert(base, InputStats.standard(3), input_shape=(1, 3, size, size), mode="analytic",
+                                  agreement_samples=0).train()
+    program, inputs = converted.statistics_program, converted.statistics_inputs()
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     reference = copy.deepcopy(base).train()
 
-    def program_step(run=program) -> None:
-        sum(t.sum() for t in run(*inputs)).backward()
+    def program_step() -> None:
+        torch.autograd.grad(sum(t.sum() for t in program(*inputs)), inputs, allow_unused=True)
 
-    candidates = {
-        "statistics program forward": lambda: program(*inputs),
-        "statistics program forward + backward": program_step,
-        "analytic model forward + backward": lambda: nn.functional.cross_entropy(converted(x), y).backward(),
-        "BatchNorm model forward + backward": lambda: nn.functional.cross_entropy(reference(x), y).backward(),
-    }
-    if compiled:
-        alone = torch.compile(program.train_program)
-        candidates["statistics program forward + backward, compiled alone"] = lambda: program_step(
-            lambda *tensors: alone(program.input_mean, program.input_var, *tensors))
-    medians = interleaved_medians(candidates, repeats)
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as profiler
+    candidates = {"statistics program forward": lambda: program(*inputs),
+                  "statistics program forward + backward": program_step,
+                  "analytic model forward + backward": lambda: nn.functional.cross_entropy(converted(x), y).backward(),
+                  "BatchNorm model forward + backward": lambda: nn.functional.cross_entropy(reference(x), y).backward()}
+    return {name: seconds * 1e3 for name, seconds in interleaved_medians(candidates, repeats).items()}
 
-        with profiler(activities=[ProfilerActivity.CPU]) as recorded:
-            for _ in range(5):
-                program_step()
-        print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+def _timed_first_step(step) -> tuple[float | None, str | None]:
+    start = time.perf_counter()
+    try:
+        step()
+    except (RuntimeError, ValueError) as err:  # BatchNorm cannot train on one value per channel
+        return None, str(err).splitlines()[0]
+    return time.perf_counter() - start, None
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    base = MODELS[name](weights=None, num_classes=10)
+    made = variants(base, args.size)
+    if args.only:
+        made = {variant: make for variant, make in made.items() if variant in args.only}
+    rows, first_steps = [], {}
+    for batch in args.batch:
+        steps, failures = {}, {}
+        for variant, make in made.items():
+            for compiled in (False, True) if args.compile else (False,):
+                label = f"{variant}, compiled" if compiled else variant
+                model = make()
+                if compiled:  # a first compiled step from scratch: a fresh compiler cache
+                    torch._dynamo.reset()
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="graphnorm-inductor-")
+                step = step_function(torch.compile(model) if compiled else model, batch, args.size)
+                seconds, error = _timed_first_step(step)
+                if error is not None:
+                    failures[label] = error
+                    continue
+                if compiled:
+                    first_steps.setdefault(variant, {})[batch] = seconds
+                steps[label] = step
+        medians = interleaved_medians(steps, args.repeats)
+        for label, seconds in medians.items():
+            compiled = label.endswith(", compiled")
+            reference, floor = ("BatchNorm, compiled", "no normalization, compiled") if compiled else (
+                "BatchNorm", "no normalization")
+            rows.append({"batch": batch, "variant": label, "median_ms": seconds * 1e3,
+                         "ratio_to_batchnorm": seconds / medians[reference] if reference in medians else None,
+                         "ratio_to_no_norm": seconds / medians[floor] if floor in medians else None})
+        rows += [{"batch": batch, "variant": label, "error": error} for label, error in failures.items()]
+    return {"model": name, "rows": rows, "first_compiled_step_s": first_steps,
+            "statistics": statistics_counts(base, args.size),
+            "breakdown_ms": breakdown(base, args.batch[-1], args.size, args.repeats) if args.breakdown else None}
+
+
+def _table(result: dict, batches: list[int]) -> str:
+    cells: dict[str, dict[int, str]] = {}
+    for row in result["rows"]:
+        text = "fails" if "error" in row else f"{row['ratio_to_batchnorm']:.2f}" if row["ratio_to_batchnorm"] else "n/a"
+        cells.setdefault(row["variant"], {})[row["batch"]] = text
+    bn = {row["batch"]: f"{row['median_ms']:.1f} ms" for row in result["rows"]
+          if row["variant"] == "BatchNorm" and "error" not in row}
+    lines = [["BatchNorm step (ms)", *(bn.get(b, "fails") for b in batches)]]
+    lines += [[variant, *(by_batch.get(b, "") for b in batches)] for variant, by_batch in cells.items()]
+    return markdown_table(["variant (ratio to the BatchNorm step)", *(f"B={b}" for b in batches)], lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--profile", action="store_true", help="also profile one analytic step (cProfile)")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also split an analytic step at the largest batch into statistics pass and graph")
-    parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
-    parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        help="time only these variants (names as in the table, e.g. BatchNorm 'graphnorm analytic')")
-    parser.add_argument("--profile-statistics", action="store_true",
-                        help="with --breakdown: torch.profiler's op table of the statistics program")
+    parser.add_argument("--batch", "--batches", type=lambda text: [int(b) for b in text.split(",")],
+                        default=[1, 2, 8], help="batch sizes, comma-separated (default 1,2,8)")
+    parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    parser.add_argument("--models", nargs="+", default=["resnet18"], choices=sorted(MODELS))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--compile", action="store_true", help="also every variant under torch.compile")
+    parser.add_argument("--breakdown", action="store_true", help="also split an analytic step (largest batch)")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="time only these variants (names as printed; "
+                        "BatchNorm is the reference and always kept)")
+    parser.add_argument("--quick", action="store_true", help="a small run (ResNet-18, 32x32, B=2, 2 repeats)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    base = torchvision.models.resnet18(weights=None)
-    stats = InputStats.standard(3)
-    shape = (1, 3, args.size, args.size)
-    variants = {
-        "BatchNorm": lambda: copy.deepcopy(base),
-        "graphnorm analytic": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="analytic"),
-        "graphnorm reparam": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="reparam"),
-        "graphnorm normprop": lambda: graphnorm.convert(base, stats, input_shape=shape, mode="normprop"),
-        "no normalization": lambda: without_batchnorm(base),
-        "torch weight_norm": lambda: with_weight_normalized_convs(base, "weight_norm"),
-        "timm StdConv2d": lambda: with_weight_normalized_convs(base, "std_conv"),
-    }
+    if args.quick:
+        args.models, args.size, args.batch, args.repeats = ["resnet18"], 32, [2], 2
     if args.only:
-        unknown = sorted(set(args.only) - set(variants))
-        if unknown or "BatchNorm" not in args.only:
-            parser.error(f"--only takes BatchNorm (the reference) and any of {sorted(variants)}; got {unknown}")
-        variants = {name: make for name, make in variants.items() if name in args.only}
-    if args.compile:
-        variants |= {f"{name}, compiled": (lambda make=make: torch.compile(make())) for name, make in variants.items()}
-    op_counts = {mode: statistics_op_counts(graphnorm.convert(base, stats, input_shape=shape, mode=mode))
-                 for mode in ("analytic", "reparam")}
-    rows = []
-    for batch in args.batches:
-        steps, failures = {}, {}
-        for name, make in variants.items():
-            step = step_function(make(), batch, args.size)
-            try:
-                step()
-            except (RuntimeError, ValueError) as err:  # BatchNorm cannot train on one value per channel
-                failures[name] = str(err).splitlines()[0]
-                continue
-            steps[name] = step
-        medians = interleaved_medians(steps, args.repeats)
-        for name, seconds in medians.items():
-            compiled = name.endswith(", compiled")
-            reference = "BatchNorm, compiled" if compiled else "BatchNorm"
-            floor = "no normalization, compiled" if compiled else "no normalization"
-            rows.append({"batch": batch, "variant": name, "median_ms": seconds * 1e3,
-                         "ratio_to_batchnorm": seconds / medians[reference] if reference in medians else None,
-                         "ratio_to_no_norm": seconds / medians[floor] if floor in medians else None})
-        rows += [{"batch": batch, "variant": name, "error": error} for name, error in failures.items()]
-        if args.profile and batch == args.batches[-1]:
-            analytic = step_function(variants["graphnorm analytic"](), batch, args.size)
-            analytic()
-            profiler = cProfile.Profile()
-            profiler.runcall(analytic)
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    split = (breakdown(base, stats, args.batches[-1], args.size, args.repeats, args.compile, args.profile_statistics)
-             if args.breakdown else None)
-    if split:
-        print("| part of an analytic step | median |\n|---|---|")
-        for name, ms in split.items():
-            print(f"| {name} | {ms:.1f} ms |")
-    batches = "-".join(str(b) for b in args.batches)
+        args.only = {"BatchNorm", *args.only}
+    results = [run_model(name, args) for name in args.models]
+    batches = "-".join(str(b) for b in args.batch)
     suffix = ("_compile" if args.compile else "") + ("_subset" if args.only else "")
-    path = write_result(f"train_step_resnet18_{args.size}px_batch{batches}{suffix}",
-                        {"repeats": args.repeats, "size": args.size, "rows": rows, "breakdown_ms": split,
-                         "statistics_ops_per_step": op_counts})
-    for mode, counts in op_counts.items():
-        print(f"{mode}: the statistics program runs {counts['forward_ops']} ops forward and "
-              f"{counts['backward_nodes']} autograd nodes backward per training step")
-    print("| batch | variant | median step | ratio to BatchNorm | ratio to no normalization |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['batch']} | {r['variant']} | fails: {r['error'][:60]} | | |")
-            continue
-        ratio = f"{r['ratio_to_batchnorm']:.2f}" if r["ratio_to_batchnorm"] is not None else "n/a"
-        floor = f"{r['ratio_to_no_norm']:.2f}" if r["ratio_to_no_norm"] is not None else "n/a"
-        print(f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} ms | {ratio} | {floor} |")
+    models = "-".join(args.models)
+    name = "train_step_quick" if args.quick else f"train_step_{models}_{args.size}px_batch{batches}{suffix}"
+    path = write_result(name,
+                        {"repeats": args.repeats, "size": args.size, "batches": args.batch, "results": results})
+    for result in results:
+        print(f"\n{result['model']}, {args.size}x{args.size}:\n")
+        print(_table(result, args.batch))
+        for mode, counts in result["statistics"].items():
+            dispatched = counts["dispatched"]
+            print(f"graphnorm {mode}: {counts['program_ops']} program ops ({counts['fused']} fused), "
+                  f"{dispatched['forward']} + {dispatched['backward']} ATen ops dispatched per step")
+        for variant, by_batch in result["first_compiled_step_s"].items():
+            print(f"first compiled step, {variant}: " + ", ".join(f"B={b} {s:.1f} s" for b, s in by_batch.items()))
+        if result["breakdown_ms"]:
+            for part, ms in result["breakdown_ms"].items():
+                print(f"{part}: {ms:.1f} ms")
     announce(path)
 
 

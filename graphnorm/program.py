@@ -41,7 +41,7 @@ from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from .normalizers import scaled_layer
 
-__all__ = ["StatisticsProgram", "StatisticsSummary", "folded_layer", "record_statistics"]
+__all__ = ["StatisticsProgram", "StatisticsSummary", "dispatched_ops", "folded_layer", "record_statistics"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -314,6 +314,35 @@ def op_count(program: fx.GraphModule) -> int:
     runs a few ATen ops inside; :func:`dispatched_ops` counts those)."""
     return sum(node.op in ("call_function", "call_method", "call_module") and node.target is not operator.getitem
                and node.target is not getattr for node in program.graph.nodes)
+
+
+def dispatched_ops(program: StatisticsProgram, tensors: Sequence[torch.Tensor]) -> dict[str, int]:
+    """The ATen ops one training step's statistics dispatch (each a kernel launch on a GPU): ``program`` run on
+    ``tensors`` in training mode, then backward through every output (views and other metadata-only ops
+    included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    was_training = program.training
+    program.train()
+    try:
+        with torch.enable_grad():
+            with Count() as forward:
+                outputs = program(*tensors)
+            loss = sum(t.sum() for t in outputs if t.requires_grad)
+            with Count() as backward:
+                torch.autograd.grad(loss, [t for t in tensors if t.requires_grad], allow_unused=True)
+    finally:
+        program.train(was_training)
+    return {"forward": forward.ops, "backward": backward.ops}
 
 
 def folded_layer(layer: nn.Module, x: torch.Tensor, raw_mean: torch.Tensor, raw_var: torch.Tensor

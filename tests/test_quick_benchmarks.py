@@ -74,3 +74,16 @@ def test_grid_resumes_from_its_journal(tmp_path, monkeypatch) -> None:
     assert [r["square"] for r in results] == [1, 4, 9, 16]
     assert not journal.exists()
     assert [r["square"] for r in run_grid(_square_or_fail, [5, 6], workers=2, journal=journal)] == [25, 36]
+
+
+def test_quick_train_step_benchmark(tmp_path) -> None:
+    """Every variant of the step benchmark runs and is timed, and the statistics of each graphnorm mode are
+    counted (the recorded program's ops; the ATen ops a step dispatches)."""
+    result = run_quick("train_step", tmp_path)["results"][0]
+    variants = {row["variant"] for row in result["rows"]}
+    assert variants == {"BatchNorm", "GroupNorm(32)", "FrozenBatchNorm2d", "weight_norm, no BN", "no normalization",
+                        "graphnorm analytic", "graphnorm reparam", "graphnorm normprop"}
+    assert all(row["median_ms"] > 0 and row["ratio_to_batchnorm"] > 0 for row in result["rows"])
+    counts = result["statistics"]
+    assert 0 < counts["analytic"]["program_ops"] < 150 and counts["analytic"]["dispatched"]["backward"] > 0
+    assert counts["normprop"]["program_ops"] == 0  # NormProp's statistics are its layers' weight norms

@@ -183,11 +183,12 @@ def fused(form: FusedForm, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def fused_call(form: FusedForm, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``form`` as a recorded statistics program calls it: a ``torch.autograd.Function`` in eager mode (no op
-    dispatch, no autograd node per op); under ``torch.compile`` the custom op, forward and backward each one
-    library call of the compiled graph (the compiler's own code for these small ops is no faster, and takes
-    long to generate)."""
+    dispatch, no autograd node per op). Under ``torch.compile`` on a CPU, the custom op, forward and backward
+    each one library call of the compiled graph (generated C++ for these small ops is no faster than eager and
+    takes long to generate); on a GPU the differentiable reference, which the compiler fuses with its
+    neighbours into a few kernels (there every op is a kernel launch)."""
     if torch.compiler.is_compiling():
-        return fused(form, *inputs)
+        return fused(form, *inputs) if inputs[0].device.type == "cpu" else tuple(form.reference(*inputs))
     return _FusedFunction.apply(form, *inputs)
 
 

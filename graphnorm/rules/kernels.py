@@ -19,8 +19,9 @@ the forward squares the weight into the site's workspace and keeps it for the ba
 step instead of two), the backward writes the weight gradient into the same memory and hands it to autograd,
 which adds it in place to the layer's own gradient. The workspace is taken again only when nothing else holds
 it (its use count), so a gradient autograd or a hook still holds is never overwritten. Under
-``torch.compile`` the call is the same GEMVs through autograd, without workspaces (the compiler fuses the
-backward's weight gradient into one pass).
+``torch.compile`` the call is the custom op on a CPU (the compiler's own loops for a GEMV do not vectorize
+there) and the GEMVs through autograd on a GPU (the compiler fuses the backward's weight gradient into one
+pass), both without workspaces.
 """
 
 from __future__ import annotations
@@ -186,8 +187,11 @@ def _compiled_form(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
 def kernel_moments_call(weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int,
                         workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`kernel_moments` as a recorded statistics program calls it (module docstring): with the call
-    site's workspace in eager mode, the same GEMVs through autograd under ``torch.compile``, the custom op
-    for tensors that are not plain (fake tensors, functorch transforms)."""
+    site's workspace in eager mode; the custom op (forward and backward library calls) for tensors that are not
+    plain (fake tensors, functorch transforms) and under ``torch.compile`` on a CPU; the GEMVs through autograd
+    under ``torch.compile`` on a GPU, where the compiler fuses the backward's elementwise work."""
+    if torch.compiler.is_compiling() and weight.device.type != "cpu":
+        return _compiled_form(weight, mean, var, groups)
     if torch.compiler.is_compiling() or not plain_tensors(weight, mean, var):
         return _kernel_moments_op(weight, mean, var, groups)
     return _KernelMoments.apply(weight, mean, var, groups, workspace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphnorm.rules.kernels import KernelMomentsCall, kernel_moments, kernel_moments_call
+from graphnorm.rules.kernels import KernelMomentsCall, _compiled_form, kernel_moments, kernel_moments_call
 
 
 def plain(weight, mean, var, groups):
@@ -52,24 +52,29 @@ def test_kernel_moments_gradient_of_one_output(used) -> None:
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
 
 
-def test_the_compiler_form_equals_the_eager_form(monkeypatch) -> None:
-    """Under torch.compile a recorded program's kernel moments are the custom op, forward and backward each one
-    library call of the compiled graph (no workspace); it must give the eager form's values and gradients
-    (checked here in eager mode by pretending to compile)."""
+@pytest.mark.parametrize("form", ["custom op", "GEMVs through autograd"])
+def test_the_compiler_forms_equal_the_eager_form(form: str, monkeypatch) -> None:
+    """Under torch.compile a recorded program's kernel moments are the custom op on a CPU and the GEMVs through
+    autograd on a GPU (graphnorm.rules.kernels.kernel_moments_call); both must give the eager form's values and
+    gradients (checked here in eager mode, pretending to compile for the first)."""
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
     var = torch.rand(4, generator=generator, dtype=torch.float64, requires_grad=True)
     probe = torch.randn(2, 6, generator=generator, dtype=torch.float64)
 
-    def gradients():
-        out_mean, out_var = kernel_moments_call(weight, mean, var, 2)
+    def gradients(call):
+        out_mean, out_var = call(weight, mean, var, 2)
         grads = torch.autograd.grad((out_mean * probe[0]).sum() + (out_var * probe[1]).sum(), (weight, mean, var))
         return out_mean, out_var, *grads
 
-    eager = gradients()
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    for a, b in zip(gradients(), eager, strict=True):
+    eager = gradients(kernel_moments_call)
+    if form == "custom op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled = gradients(kernel_moments_call)
+    else:
+        compiled = gradients(_compiled_form)
+    for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b)
 
 
