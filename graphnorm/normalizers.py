@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .noise import LearnedNoise
-from .workspace import Workspace, plain_tensors
+from .workspace import plain_tensors
 
 __all__ = ["AnalyticNorm", "BatchNoise", "Calibration", "ChannelAffine", "FixedBatchNorm", "NormPropLayer",
            "NormalizedBias", "NormalizedWeight", "ReparamState", "batch_noise", "scaled_layer"]
@@ -396,16 +396,16 @@ class NormPropLayer(nn.Module):
         self.beta = beta
         self.c = c
         self.calibration = Calibration(layer.weight.shape[0], layer.weight)
-        self.workspace = Workspace()  # the norms' weight gradient (graphnorm.workspace); not state
 
     def implicit_scale(self) -> torch.Tensor:
         """``s_a = c ||W_o||`` per output channel."""
-        return self.c * row_norms(self.layer.weight, getattr(self, "workspace", None))
+        weight = self.layer.weight
+        return self.c * weight.reshape(weight.shape[0], -1).norm(dim=1)
 
-    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_and_shift(self, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel, the ``gamma/sigma`` that multiplies ``W x`` and the bias ``beta - gamma mu/sigma``
-        (``beta``, or 0 without it, when uncalibrated: ``mu = 0``)."""
-        scale_a = self.implicit_scale()
+        (``beta``, or 0 without it, when uncalibrated: ``mu = 0``), from the weight's row ``norms`` if given."""
+        scale_a = self.implicit_scale() if norms is None else self.c * norms
         mu, sigma = self.calibration.apply(torch.zeros_like(scale_a), scale_a)
         scale = 1.0 / sigma if self.gamma is None else self.gamma / sigma
         bias = -mu * scale
@@ -417,40 +417,57 @@ class NormPropLayer(nn.Module):
         return self.layer.weight * _output_channels(scale, self.layer.weight), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return scaled_layer(self.layer, x, self.layer.weight, *self.scale_and_shift())
+        norms, weight = norms_and_weight(self.layer.weight)
+        return scaled_layer(self.layer, x, weight, *self.scale_and_shift(norms))
 
     def extra_repr(self) -> str:
         return f"c={self.c}"
 
 
-class _RowNorms(torch.autograd.Function):
-    """``||W_o||`` per output channel; the backward ``dW = (g_o/||W_o||) W`` (0 for a zero row, as autograd's)
-    is written into the layer's workspace (:mod:`graphnorm.workspace`), not a new weight-sized tensor."""
+def add_into(gradient: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Where a backward may add its own term to the ``gradient`` autograd handed it for a tensor shaped like
+    ``like``: that gradient itself when nothing else holds it (contiguous, its only reference, no
+    ``create_graph``), so the weight gradient of a statistic goes into the layer's own weight gradient without a
+    weight-sized tensor of its own or autograd's addition of the two; else a copy (or zeros)."""
+    if gradient is None:
+        return torch.zeros_like(like, memory_format=torch.contiguous_format)
+    if (torch.is_grad_enabled() or not gradient.is_contiguous() or gradient._use_count() > 1
+            or gradient.shape != like.shape):
+        return gradient.clone(memory_format=torch.contiguous_format).reshape(like.shape)
+    return gradient
+
+
+class _NormsAndWeight(torch.autograd.Function):
+    """``(||W_o||, W)``: the norms per output channel and the weight itself, for the layer to use, so that one
+    backward receives both gradients and returns ``dW = g_W + (g_o/||W_o||) W`` (0 for a zero row, as
+    autograd's), added in place into the layer's own gradient (:func:`add_into`)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    def forward(ctx: Any, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norms = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
         ctx.save_for_backward(weight, norms)
-        ctx.workspace = workspace
-        return norms
+        ctx.set_materialize_grads(False)
+        return norms, weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad_norms: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
         weight, norms = ctx.saved_tensors
-        scale = torch.where(norms > 0, grad / norms, torch.zeros_like(norms)).unsqueeze(1)
-        rows = weight.reshape(weight.shape[0], -1)
-        if torch.is_grad_enabled():  # create_graph: a differentiable, fresh result
-            return (rows * scale).view(weight.shape), None
-        out, _ = ctx.workspace.take(rows)
-        return torch.mul(rows, scale, out=out).view(weight.shape), None
+        total = add_into(grad_weight, weight)
+        if grad_norms is not None:
+            scale = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms)).unsqueeze(1)
+            rows = weight.reshape(weight.shape[0], -1)
+            if torch.is_grad_enabled():  # create_graph: differentiable
+                return total + (rows * scale).view(weight.shape)
+            total.view(rows.shape).addcmul_(rows, scale)
+        return total
 
 
-def row_norms(weight: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-    """``||W_o||_2`` per output channel of a Linear/Conv weight, with the gradient written into ``workspace``
-    in eager training (:class:`_RowNorms`); plain autograd under torch.compile or for traced tensors."""
-    if workspace is None or torch.compiler.is_compiling() or not plain_tensors(weight):
-        return weight.reshape(weight.shape[0], -1).norm(dim=1)
-    return _RowNorms.apply(weight, workspace)
+def norms_and_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||W_o||_2`` per output channel of a Linear/Conv weight, and the weight for the layer to use
+    (:class:`_NormsAndWeight`, in eager mode; plain autograd under torch.compile or for traced tensors)."""
+    if torch.compiler.is_compiling() or not plain_tensors(weight):
+        return weight.reshape(weight.shape[0], -1).norm(dim=1), weight
+    return _NormsAndWeight.apply(weight)
 
 
 def _output_channels(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
