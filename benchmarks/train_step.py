@@ -15,6 +15,7 @@ dispatch, forward and backward (each a kernel launch on a GPU).
     python benchmarks/train_step.py --batch 1,8 --size 64 --compile --repeats 8
     python benchmarks/train_step.py --models mobilenet_v2 efficientnet_b0 --batch 1,2,8 --size 64
     python benchmarks/train_step.py --batch 32 --size 32 --only BatchNorm "graphnorm analytic" --breakdown
+    python benchmarks/train_step.py --batch 1 --only "graphnorm analytic" --profile "graphnorm analytic"
 """
 
 from __future__ import annotations
@@ -133,6 +134,15 @@ def breakdown(base: nn.Module, batch: int, size: int, repeats: int) -> dict[str,
     return {name: seconds * 1e3 for name, seconds in interleaved_medians(candidates, repeats).items()}
 
 
+def profile(step, rows: int = 20) -> str:
+    """The ops of a few steps by self CPU time (torch.profiler), after a warm-up step."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(3):
+            step()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def _timed_first_step(step) -> tuple[float | None, str | None]:
     start = time.perf_counter()
     try:
@@ -175,6 +185,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                          "ratio_to_batchnorm": seconds / medians[reference] if reference in medians else None,
                          "ratio_to_no_norm": seconds / medians[floor] if floor in medians else None})
         rows += [{"batch": batch, "variant": label, "error": error} for label, error in failures.items()]
+        if args.profile in steps:
+            print(f"\n{name}, {args.profile}, B={batch}, {args.size}x{args.size}, three steps:\n"
+                  + profile(steps[args.profile]))
     return {"model": name, "rows": rows, "first_compiled_step_s": first_steps,
             "statistics": statistics_counts(base, args.size),
             "breakdown_ms": breakdown(base, args.batch[-1], args.size, args.repeats) if args.breakdown else None}
@@ -203,6 +216,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also split an analytic step (largest batch)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="time only these variants (names as printed; "
                         "BatchNorm is the reference and always kept)")
+    parser.add_argument("--profile", metavar="VARIANT", help="also print the ops of this variant's step by self CPU "
+                        "time (torch.profiler), at every batch size")
     parser.add_argument("--quick", action="store_true", help="a small run (ResNet-18, 32x32, B=2, 2 repeats)")
     args = parser.parse_args()
     if args.quick:

@@ -158,6 +158,8 @@ def _summary_table(log: Any, export: Any, seconds: float, output: Path, data_sou
         table.add_row("calibration", "none (the analytic statistics as they are)")
     else:
         table.add_row("calibration", f"{log.calibrated} of {len(log.rewritten)} sites to {log.calibration} statistics")
+    if log.statistics is not None:
+        table.add_row("statistics program", str(log.statistics).removeprefix("statistics program: "))
     agreement = log.agreement
     if agreement is not None:
         source = data_source if agreement.source == "data" and data_source else agreement.source

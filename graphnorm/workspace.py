@@ -1,11 +1,11 @@
 """Weight-sized memory reused from step to step.
 
 On a CPU, writing a weight-sized result into freshly allocated memory costs two to four times writing it into
-memory already in use (the page faults of a new allocation; ``benchmarks/train_step.py --profile`` shows the
-ops), and a training step of a weight-normalized network writes several such results. A :class:`Workspace`
-belongs to one call site and keeps its buffer between steps; :func:`scratch` is a per-thread buffer for a
-result used at once. A buffer is handed out again only when nothing else holds it (its use count), so a
-gradient autograd or a hook still holds is never overwritten, and never for fake, traced or wrapped tensors.
+memory already in use (the page faults of a new allocation; ``benchmarks/train_step.py --profile "graphnorm
+analytic"`` shows the ops), and a training step of a weight-normalized network writes several such results. A
+:class:`Workspace` belongs to one call site and keeps its buffer between steps; :func:`scratch` is a per-thread
+buffer for a result used at once. A buffer is handed out again only when nothing else holds it (its use count), so
+a gradient autograd or a hook still holds is never overwritten, and never for fake, traced or wrapped tensors.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -36,6 +37,18 @@ def test_convert_fixture_to_onnx_in_every_mode(mode: str, tmp_path) -> None:
     assert out.exists()
     assert "BatchNorm call sites" in result.output and f"({'2 ' + mode})" in result.output
     assert "verified" in result.output and "batch sizes [2, 3]" in result.output
+
+
+def test_summary_counts_the_statistics_program(tmp_path) -> None:
+    result = run("convert", DIGITS, tmp_path / "a.pt", "--mode", "analytic")
+    assert result.exit_code == 0, result.output
+    converted = load_converted(str(tmp_path / "a.pt"))
+    program = converted.statistics_program.train_program
+    ops = sum(node.op in ("call_function", "call_module") and node.target is not operator.getitem
+              for node in program.graph.nodes)
+    assert ops > 0 and f"{ops} ops per training step" in " ".join(result.output.split())
+    fixed = run("convert", DIGITS, tmp_path / "f.pt", "--mode", "fixed")
+    assert fixed.exit_code == 0 and "statistics program" not in fixed.output
 
 
 def test_json_summary_and_quiet(tmp_path) -> None:

@@ -127,7 +127,7 @@ def _(handle: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
     handle, tensors = inputs
-    ctx.form = _FORMS[handle]
+    ctx.form, ctx.handle = _FORMS[handle], handle
     ctx.save_for_backward(*tensors, *output)
     ctx.count = len(tensors)
 
@@ -152,7 +152,7 @@ def _op_backward(ctx: Any, grads: list[torch.Tensor | None]):
     inputs, outputs = saved[: ctx.count], saved[ctx.count:]
     if torch.compiler.is_compiling():
         grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs, strict=True)]
-        return None, _fused_backward_op(_HANDLES[ctx.form], list(inputs), list(outputs), grads)
+        return None, _fused_backward_op(ctx.handle, list(inputs), list(outputs), grads)
     return None, list(ctx.form.backward(inputs, outputs, grads))
 
 
@@ -177,18 +177,25 @@ class _FusedFunction(torch.autograd.Function):
 
 
 def fused(form: FusedForm, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``form`` applied to ``inputs`` as one op (the custom op ``graphnorm::fused``): what rules call."""
+    """``form`` applied to ``inputs`` as one op (the custom op ``graphnorm::fused``): what rules call. Under
+    ``torch.compile`` (rules traced by the compiler, no recorded program) the differentiable reference: the
+    registry of forms is Python state the compiler would have to trace and guard on."""
+    if torch.compiler.is_compiling():
+        return tuple(form.reference(*inputs))
     return tuple(_fused_op(_handle(form), list(inputs)))
 
 
-def fused_call(form: FusedForm, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def fused_call(form: FusedForm, inputs: Sequence[torch.Tensor], handle: int | None = None) -> tuple[torch.Tensor, ...]:
     """``form`` as a recorded statistics program calls it: a ``torch.autograd.Function`` in eager mode (no op
     dispatch, no autograd node per op). Under ``torch.compile`` on a CPU, the custom op, forward and backward
     each one library call of the compiled graph (generated C++ for these small ops is no faster than eager and
     takes long to generate); on a GPU the differentiable reference, which the compiler fuses with its
-    neighbours into a few kernels (there every op is a kernel launch)."""
+    neighbours into a few kernels (there every op is a kernel launch). ``handle`` is the form's integer for the
+    custom op, looked up before compiling (:class:`FusedCall` keeps it)."""
     if torch.compiler.is_compiling():
-        return fused(form, *inputs) if inputs[0].device.type == "cpu" else tuple(form.reference(*inputs))
+        if inputs[0].device.type == "cpu" and handle is not None:
+            return tuple(_fused_op(handle, list(inputs)))
+        return tuple(form.reference(*inputs))
     return _FusedFunction.apply(form, *inputs)
 
 
@@ -199,9 +206,15 @@ class FusedCall(torch.nn.Module):
     def __init__(self, form: FusedForm):
         super().__init__()
         self.form = form
+        self.handle = _handle(form)
+
+    def __setstate__(self, state: dict) -> None:
+        # the integer is this process's: a copy or an unpickled program looks its form up again
+        super().__setstate__(state)
+        self.handle = _handle(self.form)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return fused_call(self.form, inputs)
+        return fused_call(self.form, inputs, self.handle)
 
     def extra_repr(self) -> str:
         return repr(self.form)

@@ -11,17 +11,16 @@ write an outer product and a squared-weight gradient; the hand-written backward 
 Being a registered op (``torch.library.custom_op`` with ``register_autograd``), it stays one op when the
 statistics pass is recorded (:mod:`graphnorm.program`).
 
-A recorded statistics program calls :func:`kernel_moments_call` instead, with a :class:`Workspace` of its own
-per call site. Memory traffic, not arithmetic, is the cost of these ops on a CPU, and writing a weight-sized
-result into freshly allocated memory costs two to four times writing it into memory already in use (page
-faults; ``benchmarks/train_step.py --profile``). So a training step allocates no weight-sized tensor here:
-the forward squares the weight into the site's workspace and keeps it for the backward (one squaring per
-step instead of two), the backward writes the weight gradient into the same memory and hands it to autograd,
-which adds it in place to the layer's own gradient. The workspace is taken again only when nothing else holds
-it (its use count), so a gradient autograd or a hook still holds is never overwritten. Under
-``torch.compile`` the call is the custom op on a CPU (the compiler's own loops for a GEMV do not vectorize
-there) and the GEMVs through autograd on a GPU (the compiler fuses the backward's weight gradient into one
-pass), both without workspaces.
+A recorded statistics program calls :func:`kernel_moments_call` instead, with a :class:`Workspace` of its own per
+call site. Memory traffic, not arithmetic, is the cost of these ops on a CPU, and writing a weight-sized result
+into freshly allocated memory costs two to four times writing it into memory already in use (page faults;
+``benchmarks/train_step.py --profile "graphnorm analytic"``). So a training step allocates no weight-sized tensor
+here: the forward squares the weight into the site's workspace and keeps it for the backward (one squaring per step
+instead of two), the backward writes the weight gradient into the same memory and hands it to autograd, which adds
+it in place to the layer's own gradient. The workspace is taken again only when nothing else holds it (its use
+count), so a gradient autograd or a hook still holds is never overwritten. Under ``torch.compile`` the call is the
+custom op on a CPU (the compiler's own loops for a GEMV do not vectorize there) and the GEMVs through autograd on a
+GPU (the compiler fuses the backward's weight gradient into one pass), both without workspaces.
 """
 
 from __future__ import annotations
