@@ -13,7 +13,7 @@ import torch
 
 import graphnorm
 from graphnorm import Moments
-from graphnorm.rules.activations import PiecewiseMoments, Rectified, SmoothMoments
+from graphnorm.rules.activations import Clamped, PiecewiseMoments, Rectified, SmoothMoments
 from graphnorm.rules.affine import Normalized
 from graphnorm.rules.fusion import FusedForm, fused, fused_call, fusion
 from graphnorm.rules.pooling import MaxOfMonotone
@@ -24,6 +24,10 @@ HARDSWISH = ((-3.0, 3.0), ((0.0,), (0.0, 0.5, 1 / 6), (0.0, 1.0)))
 FORMS: dict[str, tuple[FusedForm, int]] = {  # form, number of affine inputs after (mean, var)
     "relu": (Rectified(), 0),
     "relu6": (PiecewiseMoments(*RELU6), 0),
+    "relu6_clamped": (Clamped(0.0, 6.0), 0),
+    "hardtanh_clamped": (Clamped(-1.0, 1.0), 0),
+    "clamp_min_clamped": (Clamped(-1.0, None), 0),
+    "clamp_max_clamped": (Clamped(None, 0.5), 0),
     "hardswish": (PiecewiseMoments(*HARDSWISH), 0),
     "hardsigmoid": (PiecewiseMoments((-3.0, 3.0), ((0.0,), (0.5, 1 / 6), (1.0,))), 0),
     "leaky_relu": (PiecewiseMoments((0.0,), ((0.0, 0.1), (0.0, 1.0))), 0),
