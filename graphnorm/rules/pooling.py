@@ -3,9 +3,13 @@
 Max-pooling takes the values of a window as independent and identically distributed: the max of n iid
 ``N(m, v)`` is ``m + s M`` with M the max of n iid standard normals, whose mean ``E_n`` and variance ``V_n``
 come from 1-D quadrature of its exact density (:func:`~graphnorm.rules.gaussian.max_order_statistics`).
-Per channel, n is the kernel size and border windows cut by padding are ignored. Per unit, each window gets
-the moment-matched mixture of its valid (non-padding) units and its own n. This replaces Clark's pairwise
-fold (Clark 1961; MATH.md), which underestimates the std of a max of 9 iid by ~4% at every stem max-pool.
+Per channel, n is the kernel size and border windows cut by padding are ignored. Per unit, the values of a
+window are independent but not identically distributed (near a border, and everywhere on small maps, zero
+padding upstream gives each position its own mean): the max's distribution function is the product of the
+values' (:func:`max_of_independent`), integrated by quadrature; it equals the iid result where the window's
+values agree. This replaces Clark's pairwise fold (Clark 1961; MATH.md), which underestimates the std of a
+max of 9 iid by ~4% at every stem max-pool, and the moment-matched mixture of the window's values, which
+counted the spread of their means as variance (13x the measured variance at VGG11-BN's last pool at 32x32).
 
 Max-pooling after a non-decreasing activation ``f`` (ReLU, ReLU6, LeakyReLU, sigmoid, ...) uses the exact
 identity ``maxpool(f(X)) = f(maxpool(X))``: ``E[f(m + s M)^k]`` is integrated over the exact density of M, so
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,7 +36,7 @@ from . import moment_rule
 from .arguments import as_tuple
 from .channel_correlation import depthwise_correlation, pooled_correlation
 from .fusion import FusedForm, fused, fusion_enabled
-from .gaussian import max_order_statistics, max_quadrature, max_third_cumulant, safe_std
+from .gaussian import legendre_nodes, max_order_statistics, max_quadrature, max_third_cumulant, safe_std
 from .neighbours import correlated_output, linear_map_template, pooled_variance_ratio
 from .piecewise import (
     Base,
@@ -91,24 +96,113 @@ def _max_pool(x: Moments, *, kernel_size, stride, padding, dilation, out_shape: 
         return _max_of_iid(x.loc, x.spread, window, source, tuple(out_shape), skewed=skewed)
     kernel, step, pad, dil = _window_geometry(dims, kernel_size, stride, padding, dilation)
     means, variances, valid = _unfold_windows(x, kernel, step, pad, dil, out_shape)
-    with disable_proxy_modes_tracing():  # shape-derived: constants, read into Python without recording
-        count = valid.sum(1)  # [C, L]: values in each window (padding excluded)
-        weight = valid.to(means.dtype)
-        selections = [(int(n), (count == n).reshape(-1).nonzero().squeeze(1)) for n in torch.unique(count).tolist()]
-    mean = (means * weight).sum(1) / count
-    var = ((variances + means * means) * weight).sum(1) / count - mean * mean
-    flat_mean, flat_var = mean.reshape(-1), var.reshape(-1)
-    out_mean, out_var = torch.zeros_like(flat_mean), torch.zeros_like(flat_var)
-    out_third = torch.zeros_like(flat_var) if skewed else None
-    for n, index in selections:
-        result = _max_of_iid(flat_mean.index_select(0, index), flat_var.index_select(0, index).clamp_min(0), n,
-                             source, (int(index.numel()),), per_unit=True, skewed=skewed)
-        out_mean = out_mean.index_copy(0, index, result.loc)
-        out_var = out_var.index_copy(0, index, result.spread)
-        if out_third is not None and result.third is not None:
-            out_third = out_third.index_copy(0, index, result.third)
-    third = None if out_third is None else out_third.reshape(out_shape)
-    return Moments(out_mean.reshape(out_shape), out_var.reshape(out_shape), tuple(out_shape), third=third)
+    function = None if source is None else source.function
+    breakpoints = () if source is None or source.piecewise is None else tuple(source.piecewise[0])
+    mean, var, third = max_of_independent(means, variances.clamp_min(0), valid, function, breakpoints,
+                                          skewed=skewed)
+    return Moments(mean.reshape(out_shape), var.reshape(out_shape), tuple(out_shape),
+                   third=None if third is None else third.reshape(out_shape))
+
+
+def max_of_independent(means: torch.Tensor, variances: torch.Tensor, valid: torch.Tensor,
+                       function: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       breakpoints: tuple[float, ...] = (), skewed: bool = False, nodes: int = 32,
+                       chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Moments of ``f(T)``, ``T = max_k X_k`` over each window of independent ``X_k ~ N(m_k, v_k)`` with their
+    own means and variances (``means``/``variances``/``valid``: ``[C, K, L]``, K the window, L the outputs;
+    invalid entries, padding, take no part), f non-decreasing or the identity. Returns mean, variance and, if
+    ``skewed``, the third central moment, each ``[C, L]``.
+
+    T has the distribution function ``F(t) = prod_k Phi((t - m_k)/s_k)`` and density
+    ``F(t) sum_k phi(z_k) / (s_k Phi(z_k))``, ``z_k = (t - m_k)/s_k`` (in logarithms: no underflow), and
+    ``E[(f(T) - c)^j]`` is integrated by Gauss-Legendre quadrature (``nodes`` per piece) on the interval
+    outside which ``F < e^-30`` or ``1 - F < e^-30`` (:func:`_max_support`), split at the ``breakpoints`` of a
+    piecewise f, where the integrand has a kink. ``c = f(E[T])`` keeps the variance from
+    cancelling. For equal means and variances this is the max of iid values (:func:`_max_of_iid`); where the
+    means of a window differ (units near a border, small maps, whose means the zero padding shifts) it is the
+    exact answer, which the moment-matched mixture of the window is not: the mixture puts the spread of the
+    means into the variance of every value (MATH.md section 2, "Max-pooling")."""
+    channels, window, outputs = means.shape
+    flat = [t.permute(0, 2, 1).reshape(-1, window) for t in (means, variances, valid.to(means.dtype))]
+    per_unit = 2 + len(breakpoints)
+    chunk = max(1, chunk_elements // (window * nodes * (per_unit - 1)))
+    results = [torch.cat(parts) for parts in zip(*(
+        _max_moments(*(t[start:start + chunk] for t in flat), function, breakpoints, skewed, nodes)
+        for start in range(0, max(1, flat[0].shape[0]), chunk)), strict=True)]
+    mean, var = results[0], results[1]
+    third = results[2] if skewed else None
+    shape = (channels, outputs)
+    return mean.reshape(shape), var.reshape(shape), None if third is None else third.reshape(shape)
+
+
+def _max_support(mean: torch.Tensor, std: torch.Tensor, present: torch.Tensor, iterations: int = 24
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of windows ``[U, K]``, an interval ``[low, high]`` that holds T = max_k X_k but for a mass of
+    at most ``2 e^-30``: bisection (``iterations`` steps, keeping the outer end) for ``log F(low) = -30`` and
+    for ``log sum_k P(X_k > high) = -30`` (an upper bound of ``1 - F``), both monotone in the point, from the
+    bracket ``[max_k (m_k - 12 s_k), max_k (m_k + 12 s_k)]``. The quadrature's nodes then sit where T's mass
+    is, however far the window's means are apart. Not differentiated (the mass outside is below 1e-12)."""
+    lowest = torch.finfo(mean.dtype).min
+    start = torch.where(present, mean - 12 * std, lowest).amax(1)
+    end = torch.where(present, mean + 12 * std, lowest).amax(1)
+    def log_cdf(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(present, torch.special.log_ndtr((t.unsqueeze(1) - mean) / std), 0.0).sum(1)
+
+    def log_survival(t: torch.Tensor) -> torch.Tensor:
+        tails = torch.special.log_ndtr((mean - t.unsqueeze(1)) / std)
+        return torch.where(present, tails, lowest).logsumexp(1)
+
+    def bisect(function: Callable[[torch.Tensor], torch.Tensor], rising: bool) -> tuple[torch.Tensor, ...]:
+        a, b = start.clone(), end.clone()
+        for _ in range(iterations):
+            middle = 0.5 * (a + b)
+            above = function(middle) > -30.0
+            if rising:  # log F rises: above the level, the point is too high
+                b = torch.where(above, middle, b)
+                a = torch.where(above, a, middle)
+            else:  # the survival falls: above the level, the point is too low
+                a = torch.where(above, middle, a)
+                b = torch.where(above, b, middle)
+        return a, b
+
+    with torch.no_grad():
+        low, _ = bisect(log_cdf, rising=True)
+        _, high = bisect(log_survival, rising=False)
+    return low, torch.maximum(high, low + std.amin(1) * 1e-3)
+
+
+def _max_moments(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, function, breakpoints: tuple,
+                 skewed: bool, nodes: int) -> tuple[torch.Tensor, ...]:
+    """:func:`max_of_independent` on windows as rows ``[U, K]`` (``weight`` 1 for valid entries, else 0)."""
+    std = safe_std(var)
+    low, high = _max_support(mean.detach(), std.detach(), weight > 0)
+    inner = [torch.clamp(low.new_full(low.shape, b), low, high) for b in breakpoints]
+    edges = torch.stack([low, *inner, high], 1)  # [U, P + 1]
+    x, w = legendre_nodes(nodes, mean)
+    half = 0.5 * (edges[:, 1:] - edges[:, :-1])  # [U, P]
+    points = (edges[:, :-1] + half).unsqueeze(-1) + half.unsqueeze(-1) * x  # [U, P, N]
+    weights = (half.unsqueeze(-1) * w).reshape(points.shape[0], -1)
+    points = points.reshape(points.shape[0], -1)  # [U, P N]
+    z = (points.unsqueeze(1) - mean.unsqueeze(-1)) / std.unsqueeze(-1)  # [U, K, P N]
+    log_cdf = torch.special.log_ndtr(z)
+    keep = (weight > 0).unsqueeze(-1)  # (where, not a product: a padding entry's log may be -inf)
+    log_total = torch.where(keep, log_cdf, 0.0).sum(1)  # log F(t)
+    hazard = torch.exp(-0.5 * z * z - 0.5 * math.log(2 * math.pi) - log_cdf) / std.unsqueeze(-1)
+    density = torch.exp(log_total) * torch.where(keep, hazard, 0.0).sum(1)
+    mass = weights * density
+    mass = mass / mass.sum(1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    values = points if function is None else function(points)
+    expected_t = (mass * points).sum(1, keepdim=True)
+    typical = expected_t if function is None else function(expected_t)
+    centered = values - typical
+    first = (mass * centered).sum(1)
+    second = (mass * centered * centered).sum(1)
+    out_mean = typical.squeeze(1) + first
+    out_var = (second - first * first).clamp_min(0)
+    if not skewed:
+        return out_mean, out_var
+    third = (mass * centered**3).sum(1) - 3 * first * second + 2 * first**3
+    return out_mean, out_var, third
 
 
 def _max_of_iid(mean: torch.Tensor, var: torch.Tensor, window: int, source: MonotoneSource | None,
@@ -277,7 +371,8 @@ def adaptive_avg_pool(x: Moments, *, out_shape: tuple[int, ...], **_) -> Moments
                                                                                  strict=True)))]
     ratio = None
     if x.neighbours is not None:  # accurate mode: neighbours within a bin are correlated
-        bins = tuple(round(size / out) for size, out in zip(x.shape[1:], out_shape[1:], strict=True))
+        # (an upsampling pool, output larger than input, copies one value into each bin: a bin of 1)
+        bins = tuple(max(1, round(size / out)) for size, out in zip(x.shape[1:], out_shape[1:], strict=True))
         ratio = pooled_variance_ratio(x.neighbours, bins).reshape(-1, *(1,) * (len(out_shape) - 1))
     channel_correlation = pooled_correlation(x) if math.prod(out_shape[1:]) == 1 else None
     if not x.is_per_unit:  # (shape-derived constants in Python: one op in a recorded program)
