@@ -16,7 +16,7 @@ from .errors import GraphnormError
 from .exported import as_module
 from .measure import analytic_batchnorm_statistics, measure
 from .propagate import Accuracy, MomentPropagator, auto_spatial
-from .report import ChannelSummary, Report, ReportRow, ResidualBranch
+from .report import ChannelSummary, Report, ReportRow, ResidualBranch, relative_errors
 from .sampling import DEFAULT_SAMPLES
 from .stats import InputStats, iter_batches
 
@@ -145,10 +145,10 @@ def _row(name, moments, info, depth, is_bn_input, measured, nodes, table, depths
     accumulator = measured.get(name) if measured is not None else None
     if accumulator is not None:
         mean_m, var_m = accumulator.mean, accumulator.var
-        std_m = var_m.sqrt().clamp_min(1e-12)
         row.measured = _summary(mean_m, var_m)
-        std_error = (moments.std.detach().double() - std_m).abs() / std_m
-        mean_error = (moments.mean.detach().double() - mean_m).abs() / std_m
+        std_error, mean_error, row.dead_channels = relative_errors(
+            moments.mean.detach().double(), moments.std.detach().double(), mean_m.double(),
+            var_m.clamp_min(0).sqrt().double())
         row.std_error_median, row.std_error_worst = float(std_error.median()), float(std_error.max())
         row.mean_error_median, row.mean_error_worst = float(mean_error.median()), float(mean_error.max())
     if node is not None and info.op == "add":

@@ -5,7 +5,7 @@ Brock, De & Smith (2021), with the analytic curves that graphnorm adds.
 JSON schema (``schema_version`` 1)::
 
     {"schema_version": 1, "model": str, "input_shape": [int], "normalize": "as-is" | "analytic",
-     "spatial": bool, "samples": int | null,
+     "spatial": bool, "samples": int | null, "std_floor": float,
      "summary": {"batchnorm_inputs": int, "std_error_median": float | null, "std_error_worst": float | null,
                  "mean_error_median": float | null, "mean_error_worst": float | null},
      "rows": [{"node": str, "op": str | null, "module_path": str | null, "channels": int, "depth": int,
@@ -14,10 +14,14 @@ JSON schema (``schema_version`` 1)::
                "measured": {same} | null,
                "std_error_median": float | null, "std_error_worst": float | null,
                "mean_error_median": float | null, "mean_error_worst": float | null,
+               "dead_channels": int | null,
                "residual_branch": {"branch": str, "analytic_var": float, "measured_var": float | null} | null}]}
 
-Errors: the std error is ``|analytic std - measured std| / measured std`` per channel, the mean error
-``|analytic mean - measured mean| / measured std``; each summarized over channels by median and worst.
+Errors (:func:`relative_errors`): the std error is ``|analytic std - measured std| / d`` per channel, the mean
+error ``|analytic mean - measured mean| / d``, with ``d = max(measured std, STD_FLOOR x the site's median
+measured std)``: a channel whose measured std is near zero (a dead ReLU unit, a constant) is not divided by
+that zero but by a tenth of the site's typical std, and is counted in ``dead_channels``. Each error is
+summarized over channels by median and worst. (Added in place in schema 1: ``dead_channels``; the floor.)
 """
 
 from __future__ import annotations
@@ -29,11 +33,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.table import Table
 
-__all__ = ["SCHEMA_VERSION", "ChannelSummary", "Report", "ReportRow", "ResidualBranch"]
+__all__ = ["SCHEMA_VERSION", "STD_FLOOR", "ChannelSummary", "Report", "ReportRow", "ResidualBranch", "relative_errors"]
 
 SCHEMA_VERSION = 1
+STD_FLOOR = 0.1  # of the site's median measured std: the smallest std a relative error divides by
+
+
+def relative_errors(analytic_mean: torch.Tensor, analytic_std: torch.Tensor, measured_mean: torch.Tensor,
+                    measured_std: torch.Tensor, floor: float = STD_FLOOR
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per channel std and mean errors of analytic against measured statistics, relative to the measured std
+    floored at ``floor`` times the site's median measured std (module docstring), and the number of channels
+    below that floor ("dead": their std is noise around zero, and dividing by it reported errors of 1e10)."""
+    typical = measured_std.median()
+    threshold = floor * typical
+    scale = torch.maximum(measured_std, threshold).clamp_min(torch.finfo(measured_std.dtype).tiny)
+    std_error = (analytic_std - measured_std).abs() / scale
+    mean_error = (analytic_mean - measured_mean).abs() / scale
+    return std_error, mean_error, int((measured_std < threshold).sum())
 
 
 @dataclass
@@ -69,6 +89,7 @@ class ReportRow:
     std_error_worst: float | None = None
     mean_error_median: float | None = None
     mean_error_worst: float | None = None
+    dead_channels: int | None = None  # measured std below STD_FLOOR x the site's median (relative_errors)
     residual_branch: ResidualBranch | None = None
     sampled: str | None = None  # why this node's moments come from the sampled fallback (None: closed form)
 
@@ -112,7 +133,7 @@ class Report:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "input_shape": list(self.input_shape),
                 "normalize": self.normalize, "spatial": self.spatial, "samples": self.samples,
                 "seed": self.seed, "input_statistics": self.input_statistics, "accuracy": self.accuracy,
-                "summary": self.summary,
+                "std_floor": STD_FLOOR, "summary": self.summary,
                 "rows": [asdict(r) for r in self.rows]}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -135,7 +156,7 @@ class Report:
 
     # -- text --------------------------------------------------------------------------------------------------------
     _COLUMNS = ("node", "op", "C", "BN in", "mean^2 analytic", "mean^2 measured", "var analytic", "var measured",
-                "std err med", "std err worst", "mean err med")
+                "std err med", "std err worst", "mean err med", "dead")
 
     def _cells(self, row: ReportRow) -> list[str]:
         measured = row.measured
@@ -143,7 +164,8 @@ class Report:
         return [row.node, op, str(row.channels), "yes" if row.batchnorm_input else "",
                 _fmt(row.analytic.mean_sq), _fmt(measured.mean_sq if measured else None), _fmt(row.analytic.var),
                 _fmt(measured.var if measured else None), _fmt(row.std_error_median, 3),
-                _fmt(row.std_error_worst, 3), _fmt(row.mean_error_median, 3)]
+                _fmt(row.std_error_worst, 3), _fmt(row.mean_error_median, 3),
+                "-" if row.dead_channels is None else str(row.dead_channels)]
 
     def _title(self) -> str:
         samples = f"{self.samples} samples" if self.samples else "no measurement"
@@ -156,7 +178,8 @@ class Report:
         s = self.summary
         return (f"BatchNorm inputs: {s['batchnorm_inputs']}; std error median {_fmt(s['std_error_median'], 3)}, "
                 f"worst {_fmt(s['std_error_worst'], 3)}; mean error (in std) median "
-                f"{_fmt(s['mean_error_median'], 3)}, worst {_fmt(s['mean_error_worst'], 3)}")
+                f"{_fmt(s['mean_error_median'], 3)}, worst {_fmt(s['mean_error_worst'], 3)} (errors relative to the "
+                f"measured std, floored at {STD_FLOOR:g} x the site's median; dead: channels below it)")
 
     def to_markdown(self) -> str:
         lines = [f"**{self._title()}**", "", self._summary_line(), "",

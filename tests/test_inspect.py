@@ -216,3 +216,16 @@ def test_structure_options_need_input_data() -> None:
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: --per-position and --patch-covariance describe --input-data FILE; give it"]
+
+
+def test_relative_errors_floor_the_measured_std_and_count_dead_channels() -> None:
+    from graphnorm.report import STD_FLOOR, relative_errors
+
+    measured_std = torch.tensor([1.0, 2.0, 1e-9, 3.0, 0.0], dtype=torch.float64)  # median 1.0
+    analytic_std = torch.tensor([1.1, 2.0, 0.05, 2.7, 0.0], dtype=torch.float64)
+    mean = torch.zeros(5, dtype=torch.float64)
+    std_error, mean_error, dead = relative_errors(mean + 0.5, analytic_std, mean, measured_std)
+    assert STD_FLOOR == 0.1 and dead == 2
+    expected = [0.1 / 1.0, 0.0, (0.05 - 1e-9) / 0.1, 0.3 / 3.0, 0.0]
+    assert std_error.tolist() == pytest.approx(expected, rel=1e-9)
+    assert mean_error.tolist() == pytest.approx([0.5, 0.25, 5.0, 0.5 / 3.0, 5.0], rel=1e-9)
