@@ -2,7 +2,11 @@
 and forward + backward, in the formulations one could write: graphnorm's custom op (GEMVs over whole weight rows
 against the moments repeated over the taps, fused backward), the same arithmetic as reductions over the kernel
 taps through autograd, and torch ``_weight_norm`` over the same weights as the anchor (one weight-based
-normalizer's forward + backward). Interleaved medians.
+normalizer's forward + backward). Two memory-traffic units beside them: one pass reading every weight
+(``w.sum()``) and one reading and writing every weight (``torch.mul(w, 2, out=kept)``, into buffers kept
+from run to run). A GEMV does two flops per weight read, so on a CPU these ops run at memory bandwidth, not at
+the arithmetic rate of a convolution: the kernel moments' cost is best read in passes over the weights.
+Interleaved medians.
 
     python benchmarks/kernel_moments.py --repeats 30
 """
@@ -46,7 +50,20 @@ def main() -> None:
     def weight_norm(w, _m, _v):
         return (torch._weight_norm(w, gain_of[id(w)], 0),)
 
-    candidates = {}
+    kept = [torch.empty_like(w) for w in weights]
+
+    def read_pass() -> None:
+        with torch.no_grad():
+            for w in weights:
+                w.sum()
+
+    def read_write_pass() -> None:
+        with torch.no_grad():
+            for w, out in zip(weights, kept, strict=True):
+                torch.mul(w, 2.0, out=out)
+
+    candidates = {"memory unit: read every weight once": read_pass,
+                  "memory unit: read and write every weight once": read_write_pass}
     for name, formula in (("graphnorm custom op", kernel_moments), ("tap reductions, autograd", tap_reductions),
                           ("torch _weight_norm (anchor)", weight_norm)):
         candidates[f"{name}: forward"] = lambda f=formula: run(f, False)
